@@ -1,0 +1,121 @@
+"""Bi-level optimisation (SPEC 6): weights on the training half, alpha/beta on the other half.
+
+``step(train_batch, valid_batch, update_arch)`` does one architecture step on the validation batch
+(first-order by default, or DARTS' unrolled second-order step) and one weight step on the training
+batch. Losses come back as tensors so that a step never waits for the device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from . import derive
+from .supernet import ARCH_PARAMETER_NAMES, SearchNetwork
+
+
+class BilevelOptimizer:
+    def __init__(self, model: SearchNetwork, config, epochs: Optional[int] = None):
+        self.model, self.config = model, config
+        self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
+        self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=config.lr, momentum=config.momentum,
+                                           weight_decay=config.weight_decay)
+        self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.w_optimizer, T_max=epochs or config.epochs, eta_min=config.lr_min)
+        self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=config.arch_lr,
+                                            betas=(config.arch_beta1, config.arch_beta2),
+                                            weight_decay=config.arch_weight_decay)
+
+    # -- losses ---------------------------------------------------------------------------------
+    def regularizer(self) -> torch.Tensor:
+        """Eq. 11's lambda * mean_j(-log t_j) over the nodes of both cell types (DST only)."""
+        m = self.model
+        if m.beta_normal is None:
+            return m.alpha_normal.new_zeros(())
+        return self.lambda_ * derive.dst_regularizer(torch.cat([m.beta_normal, m.beta_reduce]))
+
+    def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return F.cross_entropy(logits, y) + self.regularizer(), logits
+
+    # -- steps ----------------------------------------------------------------------------------
+    def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
+        self.a_optimizer.zero_grad(set_to_none=True)
+        if self.config.unrolled:
+            loss = self._unrolled_backward(train_batch, valid_batch)
+        else:
+            loss, _ = self.arch_loss(*valid_batch)
+            loss.backward()
+        self.a_optimizer.step()
+        return loss.detach()
+
+    def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = train_batch
+        self.w_optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x, arch_grad=False)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip)
+        self.w_optimizer.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def step(self, train_batch, valid_batch, update_arch: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        if update_arch:
+            out["arch_loss"] = self.arch_step(train_batch, valid_batch)
+        out["train_loss"], out["train_correct"] = self.weight_step(train_batch)
+        return out
+
+    # -- second order (DARTS Eq. 7-8) ---------------------------------------------------------------
+    def _unrolled_backward(self, train_batch, valid_batch) -> torch.Tensor:
+        """Set alpha's grad to DARTS' second-order estimate (DARTS Eqs. 7-8):
+        grad_a L_val(w', a) - xi * [grad_a L_train(w+, a) - grad_a L_train(w-, a)] / (2 eps),
+        with w' = w - xi * (momentum + grad_w L_train + wd * w) one virtual SGD step at the current
+        lr xi, and w+- = w +- eps * grad_w' L_val(w', a) (central finite differences)."""
+        model = self.model
+        params = dict(model.named_parameters())
+        weights = {n: p for n, p in params.items() if n not in ARCH_PARAMETER_NAMES}
+        arch = model.arch_parameters()
+        xi = self.w_optimizer.param_groups[0]["lr"]
+        buffers = {n: b.clone() for n, b in model.named_buffers()}   # virtual steps leave BN stats alone
+        x_t, y_t = train_batch
+
+        def loss_at(values: dict, x, y) -> torch.Tensor:
+            return F.cross_entropy(functional_call(model, ({**params, **values}, buffers), (x,)), y)
+
+        grads = torch.autograd.grad(loss_at({}, x_t, y_t), list(weights.values()))
+        unrolled = {}
+        for (name, w), g in zip(weights.items(), grads):
+            buf = self.w_optimizer.state.get(w, {}).get("momentum_buffer")
+            moment = self.config.momentum * buf if buf is not None else 0.0
+            step = moment + g + self.config.weight_decay * w
+            unrolled[name] = (w - xi * step).detach().requires_grad_(True)
+
+        val_loss = loss_at(unrolled, *valid_batch) + self.regularizer()
+        d = torch.autograd.grad(val_loss, arch + list(unrolled.values()), allow_unused=True)
+        d = [torch.zeros_like(t) if g is None else g for g, t in zip(d, arch + list(unrolled.values()))]
+        d_arch, vector = d[:len(arch)], d[len(arch):]
+
+        eps = 0.01 / torch.cat([v.flatten() for v in vector]).norm().clamp_min(1e-12)
+        shifted = lambda sign: {n: (w + sign * eps * v).detach()            # noqa: E731
+                                for (n, w), v in zip(weights.items(), vector)}
+        g_pos = torch.autograd.grad(loss_at(shifted(+1), x_t, y_t), arch, allow_unused=True)
+        g_neg = torch.autograd.grad(loss_at(shifted(-1), x_t, y_t), arch, allow_unused=True)
+        for a, g, gp, gn in zip(arch, d_arch, g_pos, g_neg):
+            hessian_term = (gp if gp is not None else 0) - (gn if gn is not None else 0)
+            a.grad = g - xi * hessian_term / (2 * eps)
+        return val_loss.detach()
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"w_optimizer": self.w_optimizer.state_dict(), "w_scheduler": self.w_scheduler.state_dict(),
+                "a_optimizer": self.a_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.w_scheduler.load_state_dict(state["w_scheduler"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])

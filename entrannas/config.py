@@ -1,0 +1,346 @@
+"""The one flat search configuration: a frozen dataclass, loaded from YAML, validated at load.
+
+The same keys are used by search files, ``--set key=value`` and (later) sweep specs. Fields left
+at ``None`` take a default that depends on the dataset and the mode (``resolve``); the resolved
+config is what runs and what is saved beside every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .ops import DARTS_PRIMITIVES, OPS
+from .temperature import SCHEDULES
+
+MODES = ("darts", "entrannas", "dst")
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
+PLACEMENT_PRESETS = ("first", "last", "all")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed: names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field} = {value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting of one search. ``None`` means "the default for this dataset and mode"."""
+
+    # what to search
+    mode: str = "entrannas"             # darts | entrannas | dst
+    dataset: str = "digits"             # digits | synthetic | cifar10 | cifar100 | imagenet
+    data_dir: Optional[str] = None      # needed by cifar10/cifar100/imagenet
+    download: bool = False              # cifar only: fetch into data_dir when missing
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    seed: int = 0
+    # EnTranNAS
+    lambda_: float = 0.1                # DST sparsity weight (Eq. 11); other modes ignore it
+    placement: Union[str, tuple, None] = None  # first | last | all | list of cell indices
+    feature_sharing: Optional[bool] = None
+    bottleneck_ratio: Optional[int] = None
+    tau_schedule: Optional[str] = None  # constant | linear | exponential | cosine
+    tau_start: Optional[float] = None
+    tau_end: Optional[float] = None
+    beta_init: float = 0.0              # initial threshold logit: t = sigmoid(0) = 0.5 (our choice)
+    # search space
+    primitives: tuple = DARTS_PRIMITIVES
+    layers: Optional[int] = None
+    init_channels: Optional[int] = None
+    nodes: int = 4
+    # optimisation
+    unrolled: bool = False
+    arch_warmup_epochs: Optional[int] = None
+    lr: Optional[float] = None
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: Optional[float] = None
+    arch_weight_decay: float = 1e-3
+    arch_beta1: float = 0.5
+    arch_beta2: float = 0.999
+    # data split and loading
+    train_portion: Optional[float] = None  # share of the (sub-sampled) training set for the weights
+    subset_fraction: Optional[float] = None  # share of each class used at all (ImageNet: PC-DARTS)
+    num_workers: int = 2                # image-folder datasets only
+    device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        """Build from plain values (YAML), rejecting unknown keys and coercing types."""
+        if not isinstance(data, dict):
+            raise ConfigError("config", data, "expected a mapping of setting names to values")
+        known = {f.name: f for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(key, data[key], f"unknown setting; allowed: {', '.join(known)}")
+        values = {key: _coerce(key, value) for key, value in data.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    def replace(self, **changes: Any) -> "SearchConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- defaults and checks ----------------------------------------------------------------------
+    def resolve(self) -> "SearchConfig":
+        """Fill the ``None`` fields from the dataset and mode defaults, then validate everything."""
+        self._check_choices()
+        filled = {**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode]}
+        changes = {k: v for k, v in filled.items() if getattr(self, k) is None}
+        resolved = dataclasses.replace(self, **changes)
+        if self.mode == "dst" and "none" in resolved.primitives:
+            # In DST sparsity is learned by the thresholds, so 'none' is no candidate (SPEC 4).
+            resolved = dataclasses.replace(
+                resolved, primitives=tuple(p for p in resolved.primitives if p != "none"))
+        resolved.validate()
+        return resolved
+
+    def _check_choices(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("mode", self.mode, f"allowed: {', '.join(MODES)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", self.dataset, f"allowed: {', '.join(DATASETS)}")
+
+    def validate(self) -> None:
+        """Check a resolved config; raises ``ConfigError`` on the first bad field."""
+        self._check_choices()
+        for name in ("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        if self.layers < 3:
+            raise ConfigError("layers", self.layers,
+                              "must be >= 3 so that the net has a normal and a reduction cell")
+        for name in ("seed", "arch_warmup_epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 0")
+        for name in ("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        for name in ("lr", "arch_lr", "tau_start", "tau_end"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, getattr(self, name), "must be > 0")
+        for name in ("momentum", "arch_beta1", "arch_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be in [0, 1)")
+        if not 0 < self.train_portion < 1:
+            raise ConfigError("train_portion", self.train_portion, "must be in (0, 1)")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError("subset_fraction", self.subset_fraction, "must be in (0, 1]")
+        if self.tau_schedule not in SCHEDULES:
+            raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
+        self._check_primitives()
+        self._check_placement()
+        self._check_bottleneck()
+        self._check_data()
+        if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
+            raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N, mps")
+
+    def _check_primitives(self) -> None:
+        if not self.primitives:
+            raise ConfigError("primitives", list(self.primitives), "needs at least one operation")
+        for name in self.primitives:
+            if name not in OPS:
+                raise ConfigError("primitives", name, f"unknown operation; allowed: {', '.join(OPS)}")
+        if len(set(self.primitives)) != len(self.primitives):
+            raise ConfigError("primitives", list(self.primitives), "lists an operation twice")
+        if all(p == "none" for p in self.primitives):
+            raise ConfigError("primitives", list(self.primitives), "needs an operation other than 'none'")
+
+    def _check_placement(self) -> None:
+        engines = self.engine_cells()
+        reductions = set(self.reduction_cells())
+        if not engines & reductions:
+            raise ConfigError("placement", _show(self.placement),
+                              f"has no reduction Engine-cell, so alpha_reduce would get no gradient; "
+                              f"reduction cells are {sorted(reductions)}")
+        if not engines - reductions:
+            raise ConfigError("placement", _show(self.placement),
+                              f"has no normal Engine-cell, so alpha_normal would get no gradient; "
+                              f"normal cells are {sorted(set(range(self.layers)) - reductions)}")
+
+    def _check_bottleneck(self) -> None:
+        for index, channels in enumerate(self.cell_channels()):
+            if channels % self.bottleneck_ratio:
+                raise ConfigError("bottleneck_ratio", self.bottleneck_ratio,
+                                  f"must divide every cell's channel count; cell {index} has {channels} "
+                                  f"(init_channels={self.init_channels})")
+            op_channels = channels // self.bottleneck_ratio
+            if index in self.reduction_cells() and "skip_connect" in self.primitives and op_channels % 2:
+                raise ConfigError("bottleneck_ratio", self.bottleneck_ratio,
+                                  f"leaves {op_channels} channels in reduction cell {index}; its "
+                                  "skip_connect (FactorizedReduce) needs an even count")
+
+    def _check_data(self) -> None:
+        if self.dataset in ("cifar10", "cifar100", "imagenet"):
+            if self.data_dir is None:
+                raise ConfigError("data_dir", None, f"dataset {self.dataset} needs a data directory")
+            if not Path(self.data_dir).is_dir() and not (self.download and self.dataset != "imagenet"):
+                hint = " (or set download: true)" if self.dataset != "imagenet" else ""
+                raise ConfigError("data_dir", self.data_dir, f"is not an existing directory{hint}")
+
+    # -- derived facts --------------------------------------------------------------------------
+    def reduction_cells(self) -> list[int]:
+        return [self.layers // 3, 2 * self.layers // 3]
+
+    def cell_channels(self) -> list[int]:
+        channels, out = self.init_channels, []
+        for index in range(self.layers):
+            if index in self.reduction_cells():
+                channels *= 2
+            out.append(channels)
+        return out
+
+    def engine_cells(self) -> set[int]:
+        """Indices of the Engine-cells for this placement."""
+        placement = self.placement
+        if isinstance(placement, str):
+            if placement == "all":
+                return set(range(self.layers))
+            reductions = self.reduction_cells()
+            normals = [i for i in range(self.layers) if i not in reductions]
+            if placement == "first":
+                return {normals[0], reductions[0]}
+            if placement == "last":
+                return {normals[-1], reductions[-1]}
+            raise ConfigError("placement", placement,
+                              f"allowed: {', '.join(PLACEMENT_PRESETS)}, or a list of cell indices")
+        cells = set()
+        for index in placement:
+            if not isinstance(index, int) or not 0 <= index < self.layers:
+                raise ConfigError("placement", _show(placement),
+                                  f"cell index {index!r} is not in 0..{self.layers - 1}")
+            cells.add(index)
+        return cells
+
+
+def _show(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# Defaults per dataset (SPEC 6 for CIFAR, from PC-DARTS; the small ones are our choice, sized so
+# that a digits search runs an epoch in seconds on two CPU cores).
+_CIFAR = dict(epochs=50, batch_size=256, layers=8, init_channels=16, lr=0.1, arch_lr=6e-4,
+              arch_warmup_epochs=15, train_portion=0.5, subset_fraction=1.0)
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(epochs=10, batch_size=64, layers=5, init_channels=8, lr=0.05, arch_lr=3e-3,
+                   arch_warmup_epochs=2, train_portion=0.5, subset_fraction=1.0),
+    "synthetic": dict(_CIFAR),
+    "cifar10": dict(_CIFAR),
+    "cifar100": dict(_CIFAR),
+    # PC-DARTS ImageNet search: 12.5% of each class, split 10% weights / 2.5% architecture.
+    "imagenet": dict(_CIFAR, train_portion=0.8, subset_fraction=0.125),
+}
+
+# Defaults per mode: 'darts' is the DARTS super-net (every cell an Engine-cell, no sharing, no
+# bottleneck, plain softmax); the EnTranNAS modes use the paper's setting (first cells as Engines,
+# sharing, ratio 4) and anneal tau linearly from 1.0 to 0.1 (our choice: the paper gives no values).
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "darts": dict(placement="all", feature_sharing=False, bottleneck_ratio=1, tau_schedule="constant",
+                  tau_start=1.0, tau_end=1.0),
+    "entrannas": dict(placement="first", feature_sharing=True, bottleneck_ratio=4, tau_schedule="linear",
+                      tau_start=1.0, tau_end=0.1),
+    "dst": dict(placement="first", feature_sharing=True, bottleneck_ratio=4, tau_schedule="linear",
+                tau_start=1.0, tau_end=0.1),
+}
+
+
+# -- coercion of YAML / --set values -----------------------------------------------------------
+def _coerce(name: str, value: Any) -> Any:
+    hint = typing.get_type_hints(SearchConfig)[name]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(name, value, "must be set (it has no 'default' value)")
+    if name == "placement":
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(int(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(name, value, "a list of cell indices must hold integers") from None
+        if isinstance(value, str):
+            return value
+        raise ConfigError(name, value, f"allowed: {', '.join(PLACEMENT_PRESETS)}, or a list of cell indices")
+    if name == "primitives":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, value, "must be a list of operation names")
+        return tuple(value)
+    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    target = base[0] if len(base) == 1 else None
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, value, "must be true or false")
+    if target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(name, value, "must be an integer")
+    if target is float:
+        if isinstance(value, bool):
+            raise ConfigError(name, value, "must be a number")
+        try:
+            return float(value)  # YAML reads '1e-3' as a string
+        except (TypeError, ValueError):
+            raise ConfigError(name, value, "must be a number") from None
+    if target is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(name, value, "must be a string")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` from ``--set``; values are read as YAML (numbers, lists, booleans)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError("--set", pair, "expected key=value")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> SearchConfig:
+    """Read a YAML file (optional), apply ``--set`` overrides, resolve and validate."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(path), "is not a readable file")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", str(path), f"is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("--config", str(path), "must hold a mapping of setting names to values")
+        data.update(loaded)
+    data.update(parse_overrides(overrides or []))
+    return SearchConfig.from_dict(data).resolve()
+
+
+def save_config(config: SearchConfig, path: os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

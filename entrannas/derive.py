@@ -1,0 +1,98 @@
+"""Architecture derivation: pure functions of (alpha, beta, tau), tested on hand-written matrices.
+
+Edges are in DARTS order: node 0 takes states 0..n_inputs-1, node 1 states 0..n_inputs, and so on.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: Thresholds are capped just below 1 (our choice): in float32 sigmoid(beta) rounds to exactly 1
+#: for beta > ~17, which would prune a node's strongest input, against SPEC 4 step 5.
+MAX_THRESHOLD = 1.0 - 1e-6
+
+
+def num_edges(n_nodes: int, n_inputs: int = 2) -> int:
+    return sum(n_inputs + j for j in range(n_nodes))
+
+
+@lru_cache(maxsize=None)
+def edge_layout(n_nodes: int, n_inputs: int = 2) -> tuple[tuple[int, int], ...]:
+    """``(source state, target node)`` of every edge, in DARTS order."""
+    return tuple((i, j) for j in range(n_nodes) for i in range(n_inputs + j))
+
+
+def n_nodes_for(n_edges: int, n_inputs: int = 2) -> int:
+    n, total = 0, 0
+    while total < n_edges:
+        total += n_inputs + n
+        n += 1
+    if total != n_edges:
+        raise ValueError(f"{n_edges} edges is not a complete DAG with {n_inputs} inputs")
+    return n
+
+
+def edge_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 5: ``p[e, k] = softmax_k(alpha[e, k] / tau)``."""
+    return F.softmax(alpha / tau, dim=-1)
+
+
+def dst_coefficients(alpha: torch.Tensor, beta: torch.Tensor, tau: float, n_inputs: int = 2) -> torch.Tensor:
+    """EnTranNAS-DST coefficients q_hat ``[E, K]`` (SPEC 4, Eqs. 5, 7, 8, 9); differentiable.
+
+    alpha: ``[E, K]`` logits, beta: ``[N]`` threshold logits, one per intermediate node.
+    """
+    n_nodes = beta.shape[0]
+    if alpha.shape[0] != num_edges(n_nodes, n_inputs):
+        raise ValueError(f"alpha has {alpha.shape[0]} edges; {n_nodes} nodes with {n_inputs} inputs "
+                         f"need {num_edges(n_nodes, n_inputs)}")
+    node_of_edge = torch.tensor([j for _, j in edge_layout(n_nodes, n_inputs)], device=alpha.device)
+    p = edge_softmax(alpha, tau)                                             # [E, K]
+    # Eq. 7: normalise by the largest weight over all edges and ops into node j.
+    node_max = p.new_full((n_nodes,), float("-inf")).scatter_reduce(
+        0, node_of_edge, p.amax(dim=1), reduce="amax")                      # [N]
+    p_hat = p / node_max[node_of_edge, None]
+    # Eq. 8: prune below the node's learnable threshold.
+    t = torch.sigmoid(beta).clamp(max=MAX_THRESHOLD)                          # [N]
+    q = F.relu(p_hat - t[node_of_edge, None])
+    # Eq. 9: renormalise each edge that kept an op; an edge that kept none stays all-zero.
+    # (q / max(sum, tiny) is exactly 0 there and keeps a zero, not NaN, gradient.)
+    total = q.sum(dim=1, keepdim=True)
+    return q / total.clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def dst_regularizer(beta: torch.Tensor) -> torch.Tensor:
+    """Eq. 11's sparsity term ``mean_j(-log sigmoid(beta_j))``, computed as softplus(-beta)."""
+    return F.softplus(-beta).mean()
+
+
+def thresholds(beta: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(beta).clamp(max=MAX_THRESHOLD)
+
+
+def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 2, k: int = 2) -> torch.Tensor:
+    """Eq. 4, the DARTS rule: per node, the top-k edges by strongest non-``none`` weight, and on
+    each the argmax non-``none`` op. Returns a bool mask ``[E, K]``. Ties go to the lower index."""
+    weights = weights.detach()
+    n_nodes = n_nodes_for(weights.shape[0], n_inputs)
+    scored = weights.clone()
+    if "none" in primitives:
+        scored[:, list(primitives).index("none")] = float("-inf")
+    edge_score, edge_op = scored.max(dim=1)                                  # [E], [E]
+    mask = torch.zeros_like(weights, dtype=torch.bool)
+    start = 0
+    for j in range(n_nodes):
+        n_in = n_inputs + j
+        kept = torch.topk(edge_score[start:start + n_in], min(k, n_in)).indices + start
+        mask[kept, edge_op[kept]] = True
+        start += n_in
+    return mask
+
+
+def dst_mask(q_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: the derived set is every (edge, op) with a non-zero coefficient."""
+    return q_hat.detach() > 0

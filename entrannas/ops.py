@@ -1,0 +1,124 @@
+"""Candidate operations of the DARTS cell space, by name.
+
+Every constructor has one signature, ``(C, stride, affine) -> nn.Module``, and keeps
+the channel count; ``stride`` 2 halves the resolution. The names and layer choices are
+those of the DARTS code, so that published genotypes build with the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise dilated conv, pointwise conv, BN."""
+
+    def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
+                 affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked DilConvs with dilation 1, the first carrying the stride (as DARTS)."""
+
+    def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            DilConv(C_in, C_in, kernel, stride, padding, 1, affine),
+            DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
+        )
+
+
+class Zero(nn.Module):
+    """The ``none`` operation: zeros at the output resolution."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even output channel count, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        # The second conv sees the input shifted by one pixel; odd sizes are padded so both halves agree.
+        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        nn.BatchNorm2d(C, affine=affine),
+    )
+
+
+OPS: dict[str, OpFactory] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    "conv_7x1_1x7": _conv_7x1_1x7,
+}
+
+#: The eight candidates of the DARTS search space, in the DARTS order.
+DARTS_PRIMITIVES: tuple[str, ...] = (
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+)
+
+
+def check_op_names(names, field: str = "primitives") -> None:
+    """Raise ``ValueError`` naming the first unknown op and the registered ones."""
+    for name in names:
+        if name not in OPS:
+            raise ValueError(f"{field}: unknown operation {name!r}; allowed: {', '.join(OPS)}")
+
+
+def build_op(name: str, C: int, stride: int, affine: bool = True, search: bool = False) -> nn.Module:
+    """Instantiate a registered op. In search, pools get a BN(affine=False) as in DARTS."""
+    check_op_names([name], field="op")
+    op = OPS[name](C, stride, affine)
+    if search and name.endswith("pool_3x3"):
+        op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+    return op

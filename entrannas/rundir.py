@@ -1,0 +1,90 @@
+"""The output directory of one run: resolved config, per-epoch history, result, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+CONFIG, HISTORY, CHECKPOINT = "config.yaml", "history.jsonl", "checkpoint.pt"
+
+
+class RunDirError(ValueError):
+    pass
+
+
+class RunDir:
+    def __init__(self, path: os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def has_run(self) -> bool:
+        return (self.path / HISTORY).exists() or self.checkpoint.exists()
+
+    def prepare(self, config: dict, resume: bool) -> bool:
+        """Create the directory, or check that a resumed one ran the same config.
+
+        Returns whether a checkpoint should be loaded. Never overwrites an earlier run unless resuming.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path}: exists and is not a directory")
+        if self.has_run() and not resume:
+            raise RunDirError(f"--out {self.path}: already holds a run; pass --resume to continue it "
+                              "or choose another directory")
+        saved_path = self.path / CONFIG
+        if resume and saved_path.exists():
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+            changed = sorted(k for k in set(saved) | set(config)
+                             if k not in ("device", "num_workers") and saved.get(k) != config.get(k))
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                raise RunDirError(f"--resume {self.path}: the config differs from the saved one ({detail})")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(saved_path, yaml.safe_dump(config, sort_keys=False))
+        return resume and self.checkpoint.exists()
+
+    def history(self) -> list[dict]:
+        path = self.path / HISTORY
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_history(self, epochs_done: int) -> None:
+        """Drop records past the checkpoint (written after it, before a crash)."""
+        kept = [r for r in self.history() if r["epoch"] < epochs_done]
+        write_text_atomic(self.path / HISTORY, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append_history(self, record: dict) -> None:
+        with open(self.path / HISTORY, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, obj) -> None:
+        write_text_atomic(self.path / name, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_record(record: dict, keys: Iterable[str] = ()) -> str:
+    """One summary line of an epoch record, for the terminal."""
+    kept = record.get("kept_connections") or {}
+    parts = [f"epoch {record['epoch'] + 1:>3}"]
+    for key, label in (("train_loss", "train loss"), ("train_acc", "train acc"),
+                       ("valid_loss", "valid loss"), ("valid_acc", "valid acc")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.3f}")
+    if "tau" in record:
+        parts.append(f"tau {record['tau']:.3f}")
+    if kept:
+        parts.append(f"kept n{kept['normal']} r{kept['reduce']}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,187 @@
+"""The search loop: a plain generator of one record per epoch, with exact checkpoint and resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bilevel import BilevelOptimizer
+from .config import SearchConfig
+from .data import build_search_data
+from .derive import thresholds
+from .supernet import SearchNetwork, SupernetSpec
+from .temperature import temperature
+
+CHECKPOINT_VERSION = 1
+
+
+class SearchDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory for CUDA; the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Search:
+    """One architecture search. ``run()`` yields a record per epoch (SPEC 6)."""
+
+    def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
+        config.validate()
+        self.config = config
+        self.device = device or resolve_device(config.device)
+        seed_everything(config.seed)
+        self.data = build_search_data(config, self.device)
+        info = self.data.info
+        spec = SupernetSpec.from_config(config, info.num_classes, info.in_channels, info.stem)
+        self.model = SearchNetwork(spec).to(self.device)
+        self.optimizer = BilevelOptimizer(self.model, config)
+        self.epoch = 0
+        self.model.tau = self.tau
+
+    @property
+    def tau(self) -> float:
+        c = self.config
+        return temperature(c.tau_schedule, self.epoch, c.epochs, c.tau_start, c.tau_end)
+
+    def run(self, on_step: Optional[Callable[[int, int], None]] = None) -> Iterator[dict]:
+        while self.epoch < self.config.epochs:
+            yield self.run_epoch(on_step)
+
+    def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
+        """Train one epoch, then evaluate the super-net on the architecture split."""
+        c, model = self.config, self.model
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        model.tau = self.tau
+        update_arch = self.epoch >= c.arch_warmup_epochs
+        self.data.train.set_epoch(self.epoch)
+        self.data.valid.set_epoch(self.epoch)
+        model.train()
+        lr = self.optimizer.w_optimizer.param_groups[0]["lr"]
+        sums = torch.zeros(2, device=self.device)  # loss * n, correct: summed on the device, no sync
+        n_train = 0
+        n_steps = min(len(self.data.train), len(self.data.valid))
+        for step, (train_batch, valid_batch) in enumerate(zip(self.data.train, self.data.valid)):
+            train_batch = tuple(t.to(self.device, non_blocking=True) for t in train_batch)
+            valid_batch = tuple(t.to(self.device, non_blocking=True) for t in valid_batch)
+            out = self.optimizer.step(train_batch, valid_batch, update_arch)
+            n = train_batch[1].shape[0]
+            n_train += n
+            sums += torch.stack([out["train_loss"] * n, out["train_correct"].float()])
+            if on_step is not None:
+                on_step(step + 1, n_steps)
+        self.optimizer.w_scheduler.step()
+        train_loss, train_correct = sums.tolist()
+        if not np.isfinite(train_loss):
+            raise SearchDiverged(f"epoch {self.epoch}: training loss is {train_loss / n_train}; "
+                                 "lower lr or arch_lr")
+        valid_loss, valid_acc = self.evaluate()
+        record = self._record(train_loss / n_train, train_correct / n_train, valid_loss, valid_acc,
+                              lr, update_arch, time.perf_counter() - start)
+        self.epoch += 1
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Super-net loss and accuracy on the architecture split (eval-mode BN)."""
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)
+        n = 0
+        self.data.valid.set_epoch(self.epoch)
+        for x, y in self.data.valid:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits = self.model(x, arch_grad=False)
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
+            n += len(y)
+        self.model.train()
+        loss, correct = sums.tolist()
+        return loss / n, correct / n
+
+    def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
+        m = self.model
+        genotype = m.genotype()
+        thr = None
+        if m.beta_normal is not None:
+            thr = {"normal": thresholds(m.beta_normal.detach()).tolist(),
+                   "reduce": thresholds(m.beta_reduce.detach()).tolist()}
+        return {
+            "epoch": self.epoch,
+            "seed": self.config.seed,
+            "tau": m.tau,
+            "lr": lr,
+            "arch_updated": arch_updated,
+            "train_loss": train_loss, "train_acc": train_acc,
+            "valid_loss": valid_loss, "valid_acc": valid_acc,
+            "genotype": genotype.to_dict(),
+            "kept_connections": {"normal": genotype.inputs_per_node("normal"),
+                                 "reduce": genotype.inputs_per_node("reduce")},
+            "thresholds": thr,
+            "seconds": seconds,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "device": str(self.device),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"version": CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.model.tau = self.tau
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def save(self, path: os.PathLike) -> None:
+        """Write the checkpoint atomically (a crash mid-write keeps the previous one)."""
+        save_atomic(self.state_dict(), path)
+
+    def load(self, path: os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def save_atomic(obj, path: os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,255 @@
+"""The search super-net: Engine-cells (differentiable, full DAG) and Transit-cells (derived sub-graph).
+
+One cell class serves both roles and every mode. A cell runs a *plan*: which op features to compute
+and, for every intermediate node, which of them to sum with which coefficients. An Engine-cell's
+coefficients are gathered from the differentiable architecture weights; a Transit-cell's are the
+constant 0/1 of the derived set, so no gradient reaches alpha through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import derive
+from .genotype import N_INPUTS, Genotype, genotype_from_masks
+from .ops import FactorizedReduce, ReLUConvBN, build_op
+
+ARCH_PARAMETER_NAMES = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
+
+
+@dataclass(frozen=True)
+class SupernetSpec:
+    """Shape of a super-net (the parts of a ``SearchConfig`` that build the model)."""
+
+    mode: str
+    primitives: tuple[str, ...]
+    layers: int
+    init_channels: int
+    nodes: int
+    engine_cells: frozenset[int]
+    feature_sharing: bool
+    bottleneck_ratio: int
+    num_classes: int
+    in_channels: int = 3
+    stem: str = "cifar"      # cifar: one 3x3 conv; imagenet: three stride-2 convs (224 -> 28)
+    beta_init: float = 0.0
+
+    @classmethod
+    def from_config(cls, config, num_classes: int, in_channels: int, stem: str) -> "SupernetSpec":
+        return cls(mode=config.mode, primitives=tuple(config.primitives), layers=config.layers,
+                   init_channels=config.init_channels, nodes=config.nodes,
+                   engine_cells=frozenset(config.engine_cells()), feature_sharing=config.feature_sharing,
+                   bottleneck_ratio=config.bottleneck_ratio, num_classes=num_classes,
+                   in_channels=in_channels, stem=stem, beta_init=config.beta_init)
+
+
+class CellPlan:
+    """What one cell computes for one derived structure (``mask[e, k]``: op k on edge e is used).
+
+    With feature sharing a *slot* is a source state (ops indexed by source node, SPEC 3); without it,
+    a slot is an edge. ``slot_ops[s]`` are the op indices computed on slot s, ``terms[j]`` the
+    ``(slot, source state, lo, hi)`` summed into node j, whose coefficients are ``coef[lo:hi]``, one
+    per op of the slot. ``rows``/``cols`` index those coefficients in an ``[E, K]`` weight matrix.
+    """
+
+    def __init__(self, mask: torch.Tensor, n_nodes: int, sharing: bool, device: torch.device):
+        layout = derive.edge_layout(n_nodes, N_INPUTS)
+        slot_of_edge = [i if sharing else e for e, (i, _) in enumerate(layout)]
+        used: dict[int, set[int]] = {}
+        for e, row in enumerate(mask.tolist()):
+            ks = [k for k, on in enumerate(row) if on]
+            if ks:
+                used.setdefault(slot_of_edge[e], set()).update(ks)
+        self.slot_ops = {s: tuple(sorted(ks)) for s, ks in used.items()}
+        self.terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_nodes)]
+        rows, cols, const = [], [], []
+        for e, (i, j) in enumerate(layout):
+            slot = slot_of_edge[e]
+            if not mask[e].any():
+                continue
+            ks = self.slot_ops[slot]
+            self.terms[j].append((slot, i, len(rows), len(rows) + len(ks)))
+            rows += [e] * len(ks)
+            cols += ks
+            const += [float(mask[e, k]) for k in ks]
+        for j, node_terms in enumerate(self.terms):
+            if not node_terms:
+                raise ValueError(f"derived structure leaves node {j + N_INPUTS} without inputs")
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.cols = torch.tensor(cols, dtype=torch.long, device=device)
+        self.const_coef = torch.tensor(const, device=device)
+        self.n_features = sum(len(ks) for ks in self.slot_ops.values())
+
+
+class Conv1x1BN(nn.Sequential):
+    """The bottleneck's channel-changing 1x1 conv (Sec. 2.5); conv + BN is our choice of layers."""
+
+    def __init__(self, C_in: int, C_out: int):
+        super().__init__(nn.Conv2d(C_in, C_out, 1, bias=False), nn.BatchNorm2d(C_out, affine=False))
+
+
+class SearchCell(nn.Module):
+    def __init__(self, primitives: Sequence[str], n_nodes: int, C_pp: int, C_p: int, C: int,
+                 reduction: bool, reduction_prev: bool, sharing: bool, ratio: int, engine: bool):
+        super().__init__()
+        self.reduction, self.engine, self.sharing, self.n_nodes = reduction, engine, sharing, n_nodes
+        self.preprocess0 = (FactorizedReduce(C_pp, C, affine=False) if reduction_prev
+                            else ReLUConvBN(C_pp, C, 1, 1, 0, affine=False))
+        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
+        C_op = C // ratio
+        n_sources = N_INPUTS + n_nodes - 1   # the last node feeds no op
+        if ratio > 1:
+            self.squeeze = nn.ModuleList(Conv1x1BN(C, C_op) for _ in range(n_sources))
+            self.expand = nn.ModuleList(Conv1x1BN(C_op, C) for _ in range(n_nodes))
+        else:
+            self.squeeze = self.expand = None
+        sources = (range(n_sources) if sharing
+                   else [i for i, _ in derive.edge_layout(n_nodes, N_INPUTS)])
+        self.ops = nn.ModuleList(
+            nn.ModuleList(build_op(name, C_op, 2 if reduction and i < N_INPUTS else 1, affine=False,
+                                   search=True) for name in primitives)
+            for i in sources)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan, coef: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        squeezed: dict[int, torch.Tensor] = {}
+        features: dict[int, torch.Tensor] = {}
+        for j in range(self.n_nodes):
+            node = None
+            for slot, i, lo, hi in plan.terms[j]:
+                feats = features.get(slot)
+                if feats is None:
+                    if i not in squeezed:
+                        squeezed[i] = states[i] if self.squeeze is None else self.squeeze[i](states[i])
+                    x = squeezed[i]
+                    ops = self.ops[slot]
+                    feats = torch.stack([ops[k](x) for k in plan.slot_ops[slot]])  # [n_ops, B, C, H, W]
+                    features[slot] = feats
+                term = torch.tensordot(coef[lo:hi], feats, dims=1)                  # [B, C, H, W]
+                node = term if node is None else node + term
+            states.append(node if self.expand is None else self.expand[j](node))
+        return torch.cat(states[N_INPUTS:], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """Stem, ``layers`` cells (reductions at 1/3 and 2/3 depth), global pool, classifier."""
+
+    def __init__(self, spec: SupernetSpec):
+        super().__init__()
+        self.spec = spec
+        self.primitives = spec.primitives
+        self.tau = 1.0
+        C, n_nodes = spec.init_channels, spec.nodes
+        if spec.stem == "imagenet":
+            # PC-DARTS' ImageNet search stem: 224 -> 56 (s0) -> 28 (s1).
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(spec.in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C // 2), nn.ReLU(inplace=True),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+            self.stem1 = nn.Sequential(nn.ReLU(inplace=False),
+                                       nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+            C_pp, C_p, reduction_prev = C, C, True
+        else:
+            self.stem0 = nn.Sequential(nn.Conv2d(spec.in_channels, 3 * C, 3, padding=1, bias=False),
+                                       nn.BatchNorm2d(3 * C))
+            self.stem1 = None
+            C_pp, C_p, reduction_prev = 3 * C, 3 * C, False
+        reductions = (spec.layers // 3, 2 * spec.layers // 3)
+        self.cells = nn.ModuleList()
+        C_curr = C
+        for index in range(spec.layers):
+            reduction = index in reductions
+            if reduction:
+                C_curr *= 2
+            cell = SearchCell(spec.primitives, n_nodes, C_pp, C_p, C_curr, reduction, reduction_prev,
+                              spec.feature_sharing, spec.bottleneck_ratio, engine=index in spec.engine_cells)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_pp, C_p = C_p, n_nodes * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, spec.num_classes)
+
+        n_edges, n_ops = derive.num_edges(n_nodes), len(spec.primitives)
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
+        if spec.mode == "dst":
+            self.beta_normal = nn.Parameter(torch.full((n_nodes,), float(spec.beta_init)))
+            self.beta_reduce = nn.Parameter(torch.full((n_nodes,), float(spec.beta_init)))
+        else:
+            self.beta_normal = self.beta_reduce = None
+        self._plans: dict[tuple, CellPlan] = {}
+        self.last_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- parameters -----------------------------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n in ARCH_PARAMETER_NAMES]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n not in ARCH_PARAMETER_NAMES]
+
+    # -- architecture ---------------------------------------------------------------------------
+    def arch_weights(self, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Engine-cell coefficients ``[E, K]`` for the normal and the reduction cell."""
+        out = []
+        for alpha, beta in ((self.alpha_normal, self.beta_normal), (self.alpha_reduce, self.beta_reduce)):
+            if detach:
+                alpha, beta = alpha.detach(), beta.detach() if beta is not None else None
+            if self.spec.mode == "dst":
+                out.append(derive.dst_coefficients(alpha, beta, self.tau, N_INPUTS))
+            else:
+                out.append(derive.edge_softmax(alpha, self.tau))
+        return out[0], out[1]
+
+    def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The derived sets of both cell types as CPU bool masks, with one device sync."""
+        if self.spec.mode == "dst":
+            both = torch.stack([derive.dst_mask(w) for w in weights]).cpu()
+        else:
+            w = torch.stack([w.detach() for w in weights]).cpu()
+            both = torch.stack([derive.top2_mask(x, self.primitives, N_INPUTS) for x in w])
+        return both[0], both[1]
+
+    def genotype(self) -> Genotype:
+        """The architecture derived from the current alpha (and beta) at the current tau."""
+        with torch.no_grad():
+            masks = self.derived_masks(self.arch_weights(detach=True))
+        return genotype_from_masks(masks[0], masks[1], self.primitives, self.spec.nodes)
+
+    def _plan(self, mask: torch.Tensor, device: torch.device) -> CellPlan:
+        key = (tuple(mask.shape), mask.numpy().tobytes(), device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = CellPlan(mask, self.spec.nodes, self.spec.feature_sharing, device)
+        return plan
+
+    def _engine_mask(self, derived: torch.Tensor) -> torch.Tensor:
+        if self.spec.mode == "dst":
+            # Ops with q_hat = 0 add exactly 0 to the output and to every gradient (SPEC 4).
+            return derived
+        mask = torch.ones_like(derived)
+        if "none" in self.primitives:
+            mask[:, self.primitives.index("none")] = False   # p_none * 0 adds nothing
+        return mask
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, arch_grad: bool = True) -> torch.Tensor:
+        """Logits. ``arch_grad=False`` (the weight step) keeps alpha and beta out of the graph."""
+        weights = self.arch_weights(detach=not arch_grad)
+        masks = self.derived_masks(weights)
+        self.last_masks = masks
+        s0 = self.stem0(x)
+        s1 = s0 if self.stem1 is None else self.stem1(s0)
+        for cell in self.cells:
+            w, mask = (weights[1], masks[1]) if cell.reduction else (weights[0], masks[0])
+            if cell.engine:
+                plan = self._plan(self._engine_mask(mask), x.device)
+                coef = w[plan.rows, plan.cols]
+            else:
+                plan = self._plan(mask, x.device)
+                coef = plan.const_coef.to(w.dtype)
+            s0, s1 = s1, cell(s0, s1, plan, coef)
+        return self.classifier(self.global_pooling(s1).flatten(1))
