@@ -18,6 +18,9 @@ from .supernet import ARCH_PARAMETER_NAMES, SearchNetwork
 
 
 class BilevelOptimizer:
+    #: Finite-difference radius of the unrolled step's Hessian term, over the norm of the vector (DARTS).
+    fd_radius = 0.01
+
     def __init__(self, model: SearchNetwork, config, epochs: Optional[int] = None):
         self.model, self.config = model, config
         self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
@@ -87,12 +90,13 @@ class BilevelOptimizer:
         def loss_at(values: dict, x, y) -> torch.Tensor:
             return F.cross_entropy(functional_call(model, ({**params, **values}, buffers), (x,)), y)
 
-        grads = torch.autograd.grad(loss_at({}, x_t, y_t), list(weights.values()))
+        # Ops outside this iteration's derived set are unused: their gradient is zero.
+        grads = torch.autograd.grad(loss_at({}, x_t, y_t), list(weights.values()), allow_unused=True)
         unrolled = {}
         for (name, w), g in zip(weights.items(), grads):
             buf = self.w_optimizer.state.get(w, {}).get("momentum_buffer")
             moment = self.config.momentum * buf if buf is not None else 0.0
-            step = moment + g + self.config.weight_decay * w
+            step = moment + (g if g is not None else 0.0) + self.config.weight_decay * w
             unrolled[name] = (w - xi * step).detach().requires_grad_(True)
 
         val_loss = loss_at(unrolled, *valid_batch) + self.regularizer()
@@ -100,7 +104,7 @@ class BilevelOptimizer:
         d = [torch.zeros_like(t) if g is None else g for g, t in zip(d, arch + list(unrolled.values()))]
         d_arch, vector = d[:len(arch)], d[len(arch):]
 
-        eps = 0.01 / torch.cat([v.flatten() for v in vector]).norm().clamp_min(1e-12)
+        eps = self.fd_radius / torch.cat([v.flatten() for v in vector]).norm().clamp_min(1e-12)
         shifted = lambda sign: {n: (w + sign * eps * v).detach()            # noqa: E731
                                 for (n, w), v in zip(weights.items(), vector)}
         g_pos = torch.autograd.grad(loss_at(shifted(+1), x_t, y_t), arch, allow_unused=True)

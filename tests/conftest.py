@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from entrannas.config import SearchConfig
+from entrannas.supernet import SearchNetwork, SupernetSpec
+
+TINY = dict(layers=3, init_channels=4, nodes=4)
+
+
+def tiny_config(**changes) -> SearchConfig:
+    values = {**TINY, "epochs": 2, "batch_size": 32, **changes}
+    return SearchConfig(**values).resolve()
+
+
+def tiny_net(seed: int = 0, in_channels: int = 1, **changes) -> SearchNetwork:
+    torch.manual_seed(seed)
+    config = tiny_config(**changes)
+    return SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=in_channels, stem="cifar"))
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from entrannas.genotype import Genotype, GenotypeError, genotype_from_masks
+from entrannas.zoo import ZOO, darts_notation
+
+
+def test_darts_v2_reads_two_inputs_per_node():
+    g = ZOO["DARTS_V2"]
+    assert len(g.normal) == 4 and all(len(node) == 2 for node in g.normal)
+    assert g.normal[3] == (("skip_connect", 0), ("dil_conv_3x3", 2))
+    assert g.reduce_concat == (2, 3, 4, 5)
+
+
+def test_nasnet_has_five_nodes_and_range_concat_parses():
+    assert len(ZOO["NASNet"].normal) == 5 and ZOO["NASNet"].reduce_concat == (4, 5, 6)
+    assert ZOO["PC_DARTS"].normal_concat == (2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_json_and_darts_round_trips(name):
+    g = ZOO[name]
+    assert Genotype.from_json(g.to_json()) == g
+    assert Genotype.from_darts(g.to_darts()) == g
+    assert Genotype.from_darts(darts_notation(name)) == g
+
+
+def test_flexible_topology_round_trips_through_json():
+    g = Genotype.build(normal=[[("sep_conv_3x3", 0)], [("skip_connect", 0), ("max_pool_3x3", 1), ("sep_conv_5x5", 2)],
+                               [("dil_conv_3x3", 3), ("sep_conv_3x3", 3), ("avg_pool_3x3", 0), ("skip_connect", 1)]],
+                       normal_concat=[3, 4], reduce=[[("max_pool_3x3", 1)]], reduce_concat=[2])
+    back = Genotype.from_json(g.to_json())
+    assert back == g and back.inputs_per_node("normal") == [1, 3, 4]
+    with pytest.raises(GenotypeError, match="two inputs per node"):
+        g.to_darts()
+
+
+def test_genotype_is_immutable():
+    with pytest.raises(Exception):
+        ZOO["DARTS_V2"].normal = ()
+
+
+@pytest.mark.parametrize("normal, concat, message", [
+    ([[("conv_9x9", 0)]], [2], "unknown operation 'conv_9x9'"),
+    ([[("sep_conv_3x3", 2)]], [2], "input 2, which is not an earlier node"),
+    ([[("sep_conv_3x3", 0)], []], [2, 3], "node 3 has no inputs"),
+    ([[("sep_conv_3x3", 0)]], [2, 3], "node 3 does not exist"),
+    ([[("none", 0)]], [2], "'none'"),
+])
+def test_bad_genotypes_say_what_is_wrong(normal, concat, message):
+    with pytest.raises(GenotypeError, match=message):
+        Genotype.build(normal, concat, [[("max_pool_3x3", 0)]], [2])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Genotype(normal=[('sep_conv_3x3', 0)", "not DARTS genotype notation|does not parse"),
+    ("Genotype(normal=[('sep_conv_3x3', 0)], normal_concat=[2], reduce=[], reduce_concat=[2])", "pairs"),
+    ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])", "lacks normal_concat"),
+    ("hello", "not DARTS genotype notation"),
+])
+def test_bad_darts_notation(text, message):
+    with pytest.raises(GenotypeError, match=message):
+        Genotype.from_darts(text)
+
+
+def test_genotype_from_masks_lists_every_kept_pair():
+    prims = ["none", "sep_conv_3x3", "skip_connect"]
+    # 2 nodes: edges (0->0), (1->0), (0->1), (1->1), (2->1)
+    mask = torch.tensor([[0, 1, 1], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    g = genotype_from_masks(mask, mask, prims, n_nodes=2)
+    assert g.normal == ((("sep_conv_3x3", 0), ("skip_connect", 0)),
+                        (("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2), ("skip_connect", 2)))
+    assert g.normal_concat == (2, 3)

@@ -1,0 +1,204 @@
+"""The super-net computes what SPEC 2-5 say, checked against plain per-edge reference sums."""
+
+import pytest
+import torch
+
+from entrannas import derive
+from entrannas.genotype import N_INPUTS
+from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
+from entrannas.ops import DARTS_PRIMITIVES
+
+from conftest import tiny_config, tiny_net
+
+DST_PRIMS = tuple(p for p in DARTS_PRIMITIVES if p != "none")
+
+
+def make_cell(primitives, sharing=True, ratio=1, reduction=False, engine=True, C=8):
+    torch.manual_seed(0)
+    cell = SearchCell(primitives, n_nodes=4, C_pp=C, C_p=C, C=C, reduction=reduction, reduction_prev=False,
+                      sharing=sharing, ratio=ratio, engine=engine).eval()
+    return cell
+
+
+def reference_cell(cell, s0, s1, coef_of):
+    """x_j = sum over (i, k) of coef_of(e, k) * o_k(x_i), looping over every edge and op (Eq. 6 / 3)."""
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for j in range(cell.n_nodes):
+        total = 0
+        for e, (i, jj) in enumerate(derive.edge_layout(cell.n_nodes)):
+            if jj != j:
+                continue
+            x = states[i] if cell.squeeze is None else cell.squeeze[i](states[i])
+            slot = i if cell.sharing else e
+            for k, op in enumerate(cell.ops[slot]):
+                c = coef_of(e, k)
+                if c != 0:
+                    total = total + c * op(x)
+        states.append(total if cell.expand is None else cell.expand[j](total))
+    return torch.cat(states[N_INPUTS:], 1)
+
+
+def run_cell(net_like_mask, cell, weights, s0, s1, engine):
+    from entrannas.supernet import CellPlan
+    plan = CellPlan(net_like_mask, cell.n_nodes, cell.sharing, s0.device)
+    coef = weights[plan.rows, plan.cols] if engine else plan.const_coef
+    return cell(s0, s1, plan, coef)
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("reduction", [False, True])
+def test_dst_engine_cell_equals_its_derived_cell(sharing, ratio, reduction):
+    """SPEC 4: the Engine-cell's output is the derived cell's, each op scaled by its q_hat."""
+    cell = make_cell(DST_PRIMS, sharing, ratio, reduction)
+    gen = torch.Generator().manual_seed(1)
+    alpha = torch.randn(14, len(DST_PRIMS), generator=gen) * 2
+    beta = torch.tensor([0.3, 0.5, 0.8, 1.0])
+    q_hat = derive.dst_coefficients(alpha, beta, tau=0.7)
+    mask = derive.dst_mask(q_hat)
+    assert 0 < mask.sum() < mask.numel() / 2, "the thresholds prune a good part of the DAG"
+    s0, s1 = torch.randn(2, 8, 8, 8, generator=gen), torch.randn(2, 8, 8, 8, generator=gen)
+    with torch.no_grad():
+        out = run_cell(mask, cell, q_hat, s0, s1, engine=True)
+        derived = reference_cell(cell, s0, s1, lambda e, k: q_hat[e, k] if mask[e, k] else 0)
+        dense = reference_cell(cell, s0, s1, lambda e, k: q_hat[e, k] + 0.0 * k)   # every op, zeros too
+    torch.testing.assert_close(out, derived, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_entrannas_engine_cell_is_the_softmax_mixture(sharing):
+    """Eq. 6 with p = softmax(alpha / tau) over every op, 'none' included (it adds exactly 0)."""
+    cell = make_cell(DARTS_PRIMITIVES, sharing, ratio=2)
+    alpha = torch.randn(14, len(DARTS_PRIMITIVES))
+    p = derive.edge_softmax(alpha, 0.5)
+    mask = torch.ones_like(p, dtype=torch.bool)
+    mask[:, 0] = False
+    s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out = run_cell(mask, cell, p, s0, s1, engine=True)
+        ref = reference_cell(cell, s0, s1, lambda e, k: p[e, k])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def count_calls(cell):
+    calls = {}
+    hooks = []
+    for slot, ops in enumerate(cell.ops):
+        for k, op in enumerate(ops):
+            hooks.append(op.register_forward_hook(
+                lambda m, a, o, key=(slot, k): calls.__setitem__(key, calls.get(key, 0) + 1)))
+    return calls, hooks
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_transit_cell_runs_only_its_derived_set(sharing):
+    cell = make_cell(DARTS_PRIMITIVES, sharing, ratio=1, engine=False)
+    alpha = torch.randn(14, len(DARTS_PRIMITIVES))
+    mask = derive.top2_mask(derive.edge_softmax(alpha, 1.0), DARTS_PRIMITIVES)
+    calls, _ = count_calls(cell)
+    s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out = run_cell(mask, cell, None, s0, s1, engine=False)
+    layout = derive.edge_layout(4)
+    expected = {((i if sharing else e), k) for e, (i, _) in enumerate(layout) for k in range(len(DARTS_PRIMITIVES))
+                if mask[e, k]}
+    assert set(calls) == expected, "exactly the ops of the derived set run"
+    assert all(n == 1 for n in calls.values()), "each op feature is computed once"
+    with torch.no_grad():
+        ref = reference_cell(cell, s0, s1, lambda e, k: 1.0 if mask[e, k] else 0)   # Eq. 3: plain sum
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_sharing_computes_each_source_op_once_for_all_targets():
+    cell = make_cell(DARTS_PRIMITIVES, sharing=True, ratio=1, engine=True)
+    calls, _ = count_calls(cell)
+    mask = torch.ones(14, len(DARTS_PRIMITIVES), dtype=torch.bool)
+    mask[:, 0] = False
+    with torch.no_grad():
+        run_cell(mask, cell, torch.rand(14, len(DARTS_PRIMITIVES)), torch.randn(2, 8, 6, 6),
+                 torch.randn(2, 8, 6, 6), engine=True)
+    # sources 0..4 each feed several nodes, yet each (source, op) runs once: 5 x 7 calls
+    assert len(calls) == 5 * 7 and all(n == 1 for n in calls.values())
+
+
+@pytest.mark.parametrize("nodes", [3, 4, 5])
+def test_op_instance_counts_with_and_without_sharing(nodes):
+    K = len(DARTS_PRIMITIVES)
+    for sharing, expected in ((True, (N_INPUTS + nodes - 1) * K), (False, derive.num_edges(nodes) * K)):
+        net = tiny_net(nodes=nodes, feature_sharing=sharing, bottleneck_ratio=1, mode="entrannas")
+        for cell in net.cells:
+            assert sum(len(ops) for ops in cell.ops) == expected
+
+
+def test_arch_parameters_are_registered_and_split_from_weights():
+    net = tiny_net(mode="dst")
+    names = {n for n, _ in net.named_parameters()}
+    assert {"alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"} <= names
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    assert len(arch) == 4 and not {id(p) for p in arch} & {id(p) for p in weights}
+    assert len(arch) + len(weights) == len(list(net.parameters()))
+    assert "alpha_normal" in net.state_dict() and "beta_reduce" in net.state_dict()
+    assert net.to(torch.float64).alpha_normal.dtype == torch.float64
+    assert tiny_net(mode="entrannas").beta_normal is None
+
+
+def test_bottleneck_runs_ops_on_fewer_channels():
+    net = tiny_net(mode="entrannas", bottleneck_ratio=2, init_channels=8)
+    cell = net.cells[0]
+    conv = cell.ops[0][DARTS_PRIMITIVES.index("sep_conv_3x3")][0][1]
+    assert conv.in_channels == 4 and cell.expand[0][0].out_channels == 8
+    assert tiny_net(mode="entrannas", bottleneck_ratio=1).cells[0].squeeze is None
+
+
+def capture_cells(net):
+    """Run each cell on detached inputs, so a cell's output depends on alpha only through itself."""
+    outs = {}
+
+    def pre(module, args):
+        return (args[0].detach(), args[1].detach(), *args[2:])
+
+    for index, cell in enumerate(net.cells):
+        cell.register_forward_pre_hook(pre)
+        cell.register_forward_hook(lambda m, a, o, index=index: outs.__setitem__(index, o))
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_only_engine_cells_pass_gradient_to_alpha(mode):
+    net = tiny_net(mode=mode, placement="first", beta_init=-1.0)   # engines: cells 0 and 1 of 3
+    outs = capture_cells(net)
+    net(torch.randn(4, 1, 8, 8))
+    arch = net.arch_parameters()
+    for index, out in outs.items():
+        grads = torch.autograd.grad(out.pow(2).sum(), arch, allow_unused=True, retain_graph=True)
+        touched = any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert touched == net.cells[index].engine, f"cell {index}"
+
+
+def test_transit_cells_run_the_genotype_of_this_iteration():
+    net = tiny_net(mode="entrannas", placement=[0, 1])
+    net(torch.randn(2, 1, 8, 8))
+    g = net.genotype()
+    mask_n, _ = net.last_masks
+    assert sum(len(node) for node in g.normal) == int(mask_n.sum()) == 2 * 4
+    with torch.no_grad():
+        net.alpha_normal[:, DARTS_PRIMITIVES.index("max_pool_3x3")] += 5.0
+    net(torch.randn(2, 1, 8, 8))
+    assert all(op == "max_pool_3x3" for node in net.genotype().normal for op, _ in node), \
+        "derivation follows alpha at every iteration"
+
+
+def test_darts_configuration_is_the_darts_supernet():
+    config = tiny_config(mode="darts")
+    assert config.engine_cells() == {0, 1, 2} and not config.feature_sharing and config.bottleneck_ratio == 1
+    assert config.tau_schedule == "constant" and config.tau_start == 1.0
+
+
+def test_imagenet_stem_takes_224_to_28():
+    config = tiny_config(mode="entrannas")
+    net = SearchNetwork(SupernetSpec.from_config(config, num_classes=5, in_channels=3, stem="imagenet"))
+    sizes = []
+    net.cells[0].register_forward_pre_hook(lambda m, a: sizes.append((a[0].shape[-1], a[1].shape[-1])))
+    assert net(torch.randn(2, 3, 224, 224)).shape == (2, 5)
+    assert sizes == [(56, 28)]
