@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import entrannas.search
+from entrannas.cli import main
+from entrannas.config import ConfigError, SearchConfig, load_config
+
+FAST = ["--set", "layers=3", "--set", "init_channels=4", "--set", "subset_fraction=0.2", "--set", "batch_size=64"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad input must be refused before any data is loaded or model built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Search was started for bad input")
+    monkeypatch.setattr(entrannas.search.Search, "__init__", refuse)
+
+
+BAD = [
+    (["--set", "colour=red"], "colour = 'red': unknown setting; allowed: mode, dataset"),
+    (["--set", "mode=enas"], "mode = 'enas': allowed: darts, entrannas, dst"),
+    (["--set", "placement=middle"], "placement = 'middle': allowed: first, last, all"),
+    (["--set", "placement=[0, 9]"], "placement = [0, 9]: cell index 9 is not in 0..4"),
+    (["--set", "tau_schedule=step"], "tau_schedule = 'step': allowed: constant, linear, exponential, cosine"),
+    (["--set", "primitives=[sep_conv_3x3, conv_9x9]"], "primitives = 'conv_9x9': unknown operation; allowed:"),
+    (["--set", "bottleneck_ratio=3"], "bottleneck_ratio = 3: must divide every cell's channel count"),
+    (["--set", "placement=[0, 2]"], "placement = [0, 2]: has no reduction Engine-cell"),
+    (["--set", "placement=[1, 3]"], "placement = [1, 3]: has no normal Engine-cell"),
+    (["--set", "lambda_=-0.1"], "lambda_ = -0.1: must be >= 0"),
+    (["--set", "epochs=0"], "epochs = 0: must be an integer >= 1"),
+    (["--set", "epochs=two"], "epochs = 'two': must be an integer"),
+    (["--set", "dataset=cifar10", "--set", "data_dir=/nonexistent/cifar"],
+     "data_dir = '/nonexistent/cifar': is not an existing directory"),
+    (["--set", "dataset=imagenet"], "data_dir = None: dataset imagenet needs a data directory"),
+    (["--config", "/nonexistent.yaml"], "--config = '/nonexistent.yaml': is not a readable file"),
+    (["--set", "novalue"], "--set = 'novalue': expected key=value"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[m.split(" ")[0] for _, m in BAD])
+def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys, no_model):
+    out = tmp_path / "run"
+    assert main(["search", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (out / "history.jsonl").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "entrannas", "search", "--set", "mode=nope", "--out",
+                           str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "mode = 'nope'" in proc.stderr
+
+
+def test_yaml_numbers_and_dataset_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mode: dst\ndataset: digits\nepochs: 3\narch_lr: 1e-3\n")
+    config = load_config(path)
+    assert config.arch_lr == 1e-3 and config.epochs == 3
+    assert "none" not in config.primitives, "DST has no 'none' candidate"
+    assert config.placement == "first" and config.feature_sharing and config.bottleneck_ratio == 4
+    cifar = SearchConfig(dataset="synthetic").resolve()
+    assert (cifar.epochs, cifar.batch_size, cifar.layers, cifar.init_channels) == (50, 256, 8, 16)
+    assert cifar.engine_cells() == {0, 2}, "SPEC 2: cells 0 and 2 of an 8-cell net"
+
+
+def test_resolved_config_is_valid_and_round_trips():
+    config = SearchConfig(mode="darts").resolve()
+    assert SearchConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))).resolve() == config
+    with pytest.raises(ConfigError):
+        SearchConfig.from_dict({"batch_size": True})
+
+
+@pytest.mark.slow
+def test_search_cli_writes_outputs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["search", "--set", "mode=dst", "--set", "epochs=2", *FAST, "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "epoch   2 | train loss" in printed and "kept n[" in printed
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["mode"] == "dst" and config["placement"] == "first" and config["seed"] == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert json.loads((out / "genotype.json").read_text()) == history[-1]["genotype"]
+    assert (out / "checkpoint.pt").is_file()
+
+    # the same directory again without --resume is refused, and nothing is lost
+    before = (out / "history.jsonl").read_text()
+    assert main(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (out / "history.jsonl").read_text() == before
+
+    # --resume with a different config is refused
+    assert main([*args[:-2], "--set", "seed=3", "--out", str(out), "--resume"]) == 2
+    assert "seed: 0 -> 3" in capsys.readouterr().err
+
+    # resuming a finished run does nothing more
+    assert main([*args, "--resume"]) == 0
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_interrupted_cli_search_resumes_to_the_same_result(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    common = ["search", "--set", "mode=entrannas", *FAST]
+    assert main([*common, "--set", "epochs=3", "--out", str(whole)]) == 0
+    # interrupt after epoch 2: run a 3-epoch search whose loop we stop early
+    original = entrannas.search.Search.run
+
+    def two_epochs(self, on_step=None):
+        for record in original(self, on_step):
+            yield record
+            if self.epoch == 2:
+                return
+
+    entrannas.search.Search.run = two_epochs
+    try:
+        assert main([*common, "--set", "epochs=3", "--out", str(part)]) == 0
+    finally:
+        entrannas.search.Search.run = original
+    with open(part / "history.jsonl", "a") as fh:   # a record written after the checkpoint, then a crash
+        fh.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
+    assert main([*common, "--set", "epochs=3", "--out", str(part), "--resume"]) == 0
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "peak_memory_mb")}  # noqa: E731
+                       for l in (p / "history.jsonl").read_text().splitlines()]
+    assert strip(part) == strip(whole)
+    assert (part / "genotype.json").read_text() == (whole / "genotype.json").read_text()

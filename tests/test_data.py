@@ -1,0 +1,94 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from entrannas.data import (build_search_data, load_arrays, load_digits_arrays, random_crop_flip,
+                            split_per_class)
+
+from conftest import tiny_config
+
+
+def write_cifar(root, name: str, n_per_batch: int = 10):
+    """A small copy of torchvision's on-disk CIFAR format, written here (no download)."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        key, classes = "labels", 10
+    else:
+        folder = root / "cifar-100-python"
+        files, key, classes = ["train", "test"], "fine_labels", 100
+    folder.mkdir(parents=True)
+    for f in files:
+        entry = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, n_per_batch).tolist()}
+        with open(folder / f, "wb") as fh:
+            pickle.dump(entry, fh)
+
+
+@pytest.mark.parametrize("name, n_train", [("cifar10", 50), ("cifar100", 10)])
+def test_cifar_loader_reads_the_torchvision_format(tmp_path, name, n_train):
+    write_cifar(tmp_path, name)
+    (train_x, train_y), (test_x, test_y) = load_arrays(name, str(tmp_path))
+    assert train_x.shape == (n_train, 3, 32, 32) and test_x.shape == (10, 3, 32, 32)
+    assert train_y.dtype == torch.long and abs(train_x.mean().item()) < 0.5
+
+
+def test_cifar_search_split_halves_the_training_set(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    data = build_search_data(tiny_config(dataset="cifar10", data_dir=str(tmp_path), batch_size=8),
+                             torch.device("cpu"))
+    assert len(data.train.labels) == 25 and len(data.valid.labels) == 25
+    x, y = next(iter(data.train))
+    assert x.shape == (8, 3, 32, 32) and data.info.num_classes == 10
+
+
+def test_missing_cifar_files_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        load_arrays("cifar10", str(tmp_path))
+
+
+def test_digits_are_real_and_split_1500_297():
+    (tx, ty), (vx, vy) = load_digits_arrays()
+    assert tx.shape == (1500, 1, 8, 8) and vx.shape == (297, 1, 8, 8)
+    assert set(ty.tolist()) == set(range(10))
+
+
+def test_crop_flip_takes_a_shifted_possibly_mirrored_window():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = random_crop_flip(x, padding=2, gen=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for b in range(2):
+        windows = [padded[b, :, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
+        windows += [w.flip(-1) for w in windows]
+        assert any(torch.equal(out[b], w) for w in windows)
+
+
+def test_per_class_subsample_and_split():
+    labels = torch.arange(10).repeat_interleave(40)
+    first, second = split_per_class(labels, fraction=0.5, portion=0.8, seed=0)
+    assert len(first) == 160 and len(second) == 40 and not set(first.tolist()) & set(second.tolist())
+    assert torch.bincount(labels[first]).tolist() == [16] * 10
+
+
+@pytest.mark.slow
+def test_imagenet_folder_search_data_and_224_forward(tmp_path):
+    from PIL import Image
+
+    from entrannas.supernet import SearchNetwork, SupernetSpec
+
+    for c in range(3):
+        (tmp_path / "train" / f"n{c:08d}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((40, 48, 3), 30 * c + i, dtype=np.uint8)).save(
+                tmp_path / "train" / f"n{c:08d}" / f"{i}.png")
+    config = tiny_config(dataset="imagenet", data_dir=str(tmp_path), batch_size=4, num_workers=0,
+                         subset_fraction=0.5, train_portion=0.5)
+    data = build_search_data(config, torch.device("cpu"))
+    assert data.info.num_classes == 3 and len(data.train.dataset) == 6 and len(data.valid.dataset) == 6
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 224, 224)
+    net = SearchNetwork(SupernetSpec.from_config(config, 3, 3, "imagenet"))
+    assert net(x).shape == (4, 3)
