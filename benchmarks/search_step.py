@@ -18,7 +18,7 @@ import torch
 
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.config import SearchConfig
-from entrannas.search import peak_memory_mb, resolve_device
+from entrannas.runtime import peak_memory_mb, resolve_device
 from entrannas.supernet import SearchNetwork, SupernetSpec
 
 STEPS_PER_EPOCH_CIFAR = 25_000

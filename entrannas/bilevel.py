@@ -114,6 +114,10 @@ class BilevelOptimizer:
             a.grad = g - xi * hessian_term / (2 * eps)
         return val_loss.detach()
 
+    def derive(self):
+        """The genotype derived from the current architecture parameters."""
+        return self.model.genotype()
+
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"w_optimizer": self.w_optimizer.state_dict(), "w_scheduler": self.w_scheduler.state_dict(),

@@ -36,6 +36,12 @@ def n_nodes_for(n_edges: int, n_inputs: int = 2) -> int:
     return n
 
 
+@lru_cache(maxsize=None)
+def _node_of_edge(n_nodes: int, n_inputs: int, device: torch.device) -> torch.Tensor:
+    """Target node of every edge, cached per device (no host-to-device copy per step)."""
+    return torch.tensor([j for _, j in edge_layout(n_nodes, n_inputs)], device=device)
+
+
 def edge_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. 5: ``p[e, k] = softmax_k(alpha[e, k] / tau)``."""
     return F.softmax(alpha / tau, dim=-1)
@@ -50,7 +56,7 @@ def dst_coefficients(alpha: torch.Tensor, beta: torch.Tensor, tau: float, n_inpu
     if alpha.shape[0] != num_edges(n_nodes, n_inputs):
         raise ValueError(f"alpha has {alpha.shape[0]} edges; {n_nodes} nodes with {n_inputs} inputs "
                          f"need {num_edges(n_nodes, n_inputs)}")
-    node_of_edge = torch.tensor([j for _, j in edge_layout(n_nodes, n_inputs)], device=alpha.device)
+    node_of_edge = _node_of_edge(n_nodes, n_inputs, alpha.device)
     p = edge_softmax(alpha, tau)                                             # [E, K]
     # Eq. 7: normalise by the largest weight over all edges and ops into node j.
     node_max = p.new_full((n_nodes,), float("-inf")).scatter_reduce(

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import random
-import resource
 import time
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -17,6 +14,8 @@ from .bilevel import BilevelOptimizer
 from .config import SearchConfig
 from .data import build_search_data
 from .derive import thresholds
+from .runtime import (load_checkpoint, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
+                      save_atomic, seed_everything, set_rng_state)
 from .supernet import SearchNetwork, SupernetSpec
 from .temperature import temperature
 
@@ -27,34 +26,11 @@ class SearchDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory for CUDA; the process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Search:
     """One architecture search. ``run()`` yields a record per epoch (SPEC 6)."""
 
     def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
-        config.validate()
+        config = config.resolve()   # idempotent: fills any unset default, validates
         self.config = config
         self.device = device or resolve_device(config.device)
         seed_everything(config.seed)
@@ -79,8 +55,7 @@ class Search:
         """Train one epoch, then evaluate the super-net on the architecture split."""
         c, model = self.config, self.model
         start = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)
         model.tau = self.tau
         update_arch = self.epoch >= c.arch_warmup_epochs
         self.data.train.set_epoch(self.epoch)
@@ -152,11 +127,9 @@ class Search:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"version": CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng}
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
@@ -165,23 +138,11 @@ class Search:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
         self.model.tau = self.tau
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        set_rng_state(state["rng"], self.device)
 
     def save(self, path: os.PathLike) -> None:
         """Write the checkpoint atomically (a crash mid-write keeps the previous one)."""
         save_atomic(self.state_dict(), path)
 
     def load(self, path: os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
-
-
-def save_atomic(obj, path: os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        self.load_state_dict(load_checkpoint(path, self.device))
