@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 EXIT_USAGE = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help="settings (any SearchConfig key); defaults if omitted")
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; defaults for the dataset if omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable); the value is read as YAML")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -18,14 +18,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="entrannas-tune",
-        description="EnTranNAS / EnTranNAS-DST architecture search.")
+    parser = argparse.ArgumentParser(prog="entrannas-tune",
+                                     description="EnTranNAS / EnTranNAS-DST architecture search.")
     sub = parser.add_subparsers(dest="command", required=True)
     search = sub.add_parser("search", help="run one architecture search",
-                            description="Run one search; writes config.yaml, history.jsonl, "
-                                        "genotype.json and checkpoint.pt into --out.")
+                            description="Run one search; writes config.yaml, history.jsonl, genotype.json "
+                                        "and checkpoint.pt into --out.")
     _add_config_args(search)
+    evaluate = sub.add_parser("evaluate", help="train a genotype from scratch and report its test error",
+                              description="Train a genotype from scratch; writes config.yaml, history.jsonl, "
+                                          "result.json and checkpoint.pt into --out.")
+    evaluate.add_argument("--genotype", required=True, metavar="NAME|FILE|SEARCH_DIR",
+                          help="a zoo name (DARTS_V1, DARTS_V2, PC_DARTS, ...), a JSON or DARTS-notation "
+                               "file, or a search output directory")
+    _add_config_args(evaluate)
     return parser
 
 
@@ -34,15 +40,59 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def _run_job(job, run, config, resume: bool, args, after_epoch: Callable[[dict], None], diverged: type) -> int:
+    """Drive a job's epoch generator: progress bar, history, checkpoint and summary line per epoch."""
     from tqdm import tqdm
 
-    from .config import ConfigError, load_config
-    from .rundir import RunDir, RunDirError, format_record
+    from .rundir import format_record
+
+    if resume:
+        job.load(run.checkpoint)
+        run.truncate_history(job.epoch)
+        print(f"resumed {run.path} at epoch {job.epoch + 1} of {config.epochs}")
+    elif args.resume:
+        print(f"no checkpoint in {run.path}: starting from scratch")
+    print(f"{args.command}: dataset {config.dataset}, {config.epochs} epochs, device {job.device}, out {run.path}")
+    bar = None
+
+    def on_step(step: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=f"epoch {job.epoch + 1}/{config.epochs}", leave=False,
+                       file=sys.stderr, dynamic_ncols=True)
+        bar.update(1)
 
     try:
-        config = load_config(args.config, args.overrides)
-        run = RunDir(args.out)
+        for record in job.run(on_step):
+            if bar is not None:
+                bar.close()
+                bar = None
+            run.append_history(record)
+            job.save(run.checkpoint)
+            after_epoch(record)
+            print(format_record(record), flush=True)
+    except diverged as e:
+        print(f"entrannas-tune: {args.command} diverged: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prepare(args, cls):
+    """Load the config and the output directory; any bad input raises before work starts."""
+    from .config import load_config
+    from .rundir import RunDir
+
+    config = load_config(args.config, args.overrides, cls=cls)
+    run = RunDir(args.out)
+    return config, run
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .config import ConfigError, SearchConfig
+    from .rundir import RunDirError
+
+    try:
+        config, run = _prepare(args, SearchConfig)
         resume = run.prepare(config.to_dict(), args.resume)
     except (ConfigError, RunDirError) as e:
         return _error(str(e))
@@ -53,41 +103,48 @@ def cmd_search(args: argparse.Namespace) -> int:
         search = Search(config)
     except FileNotFoundError as e:   # a data directory without the expected files
         return _error(str(e))
-    if resume:
-        search.load(run.checkpoint)
-        run.truncate_history(search.epoch)
-        print(f"resumed {run.path} at epoch {search.epoch + 1} of {config.epochs}")
-    elif args.resume:
-        print(f"no checkpoint in {run.path}: starting a new search")
-    print(f"search: mode {config.mode}, dataset {config.dataset}, {config.epochs} epochs, "
-          f"device {search.device}, out {run.path}")
-    bar = None
+    status = _run_job(search, run, config, resume, args,
+                      lambda record: run.write_json("genotype.json", record["genotype"]), SearchDiverged)
+    if status == 0:
+        print(f"done: genotype in {run.path / 'genotype.json'}")
+    return status
 
-    def on_step(step: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=f"epoch {search.epoch + 1}/{config.epochs}", leave=False,
-                       file=sys.stderr, dynamic_ncols=True)
-        bar.update(1)
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import ConfigError, EvalConfig
+    from .genotype import GenotypeError
+    from .rundir import RunDirError
+    from .zoo import load_genotype
 
     try:
-        for record in search.run(on_step):
-            if bar is not None:
-                bar.close()
-                bar = None
-            run.append_history(record)
-            search.save(run.checkpoint)
-            run.write_json("genotype.json", record["genotype"])
-            print(format_record(record), flush=True)
-    except SearchDiverged as e:
-        print(f"entrannas-tune: search diverged: {e}", file=sys.stderr)
-        return 1
-    if search.epoch >= config.epochs:
-        print(f"done: genotype in {run.path / 'genotype.json'}")
-    return 0
+        genotype = load_genotype(args.genotype)
+        config, run = _prepare(args, EvalConfig)
+        resume = run.prepare(config.to_dict(), args.resume, inputs={"genotype.json": genotype.to_dict()})
+    except (ConfigError, RunDirError, GenotypeError) as e:
+        return _error(str(e))
+
+    from .train import Evaluation, TrainingDiverged
+
+    try:
+        evaluation = Evaluation(genotype, config)
+    except FileNotFoundError as e:
+        return _error(str(e))
+    cost = evaluation.cost()
+    print(f"genotype {args.genotype}: {cost['params_m']:.3f} M parameters, "
+          f"{cost['multiply_adds_m']:.1f} M multiply-adds")
+    status = _run_job(evaluation, run, config, resume, args, lambda record: None, TrainingDiverged)
+    if status == 0:
+        history = run.history()
+        result = {"genotype": genotype.to_dict(), "genotype_source": args.genotype,
+                  "test_error": history[-1]["test_error"], "best_test_error": min(r["test_error"] for r in history),
+                  "epochs": len(history), **cost,
+                  "seconds": sum(r["seconds"] for r in history), "seed": config.seed}
+        run.write_json("result.json", result)
+        print(f"done: test error {result['test_error']:.4f}; result in {run.path / 'result.json'}")
+    return status
 
 
-COMMANDS = {"search": cmd_search}
+COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,8 +32,65 @@ class ConfigError(ValueError):
         super().__init__(f"{field} = {value!r}: {allowed}")
 
 
+class FlatConfig:
+    """Shared behaviour of the flat, frozen config dataclasses: YAML in, validated values out."""
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """Build from plain values (YAML), rejecting unknown keys and coercing types."""
+        if not isinstance(data, dict):
+            raise ConfigError("config", data, "expected a mapping of setting names to values")
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ConfigError(key, data[key], f"unknown setting; allowed: {', '.join(known)}")
+        return cls(**{key: _coerce(cls, key, value) for key, value in data.items()})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def _fill(self, defaults: dict):
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def _check(self, positive_ints=(), nonneg_ints=(), nonneg=(), positive=(), unit=()) -> None:
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        for name in nonneg_ints:
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be an integer >= 0")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, getattr(self, name), "must be > 0")
+        for name in unit:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be in [0, 1)")
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", self.dataset, f"allowed: {', '.join(DATASETS)}")
+        if not 0 < self.subset_fraction <= 1:
+            raise ConfigError("subset_fraction", self.subset_fraction, "must be in (0, 1]")
+        if self.dataset in ("cifar10", "cifar100", "imagenet"):
+            if self.data_dir is None:
+                raise ConfigError("data_dir", None, f"dataset {self.dataset} needs a data directory")
+            if not Path(self.data_dir).is_dir() and not (self.download and self.dataset != "imagenet"):
+                hint = " (or set download: true)" if self.dataset != "imagenet" else ""
+                raise ConfigError("data_dir", self.data_dir, f"is not an existing directory{hint}")
+        if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
+            raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N, mps")
+
+
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(FlatConfig):
     """Every setting of one search. ``None`` means "the default for this dataset and mode"."""
 
     # what to search
@@ -76,36 +133,11 @@ class SearchConfig:
     num_workers: int = 2                # image-folder datasets only
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, data: dict) -> "SearchConfig":
-        """Build from plain values (YAML), rejecting unknown keys and coercing types."""
-        if not isinstance(data, dict):
-            raise ConfigError("config", data, "expected a mapping of setting names to values")
-        known = {f.name: f for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ConfigError(key, data[key], f"unknown setting; allowed: {', '.join(known)}")
-        values = {key: _coerce(key, value) for key, value in data.items()}
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
-
-    def replace(self, **changes: Any) -> "SearchConfig":
-        return dataclasses.replace(self, **changes)
-
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":
         """Fill the ``None`` fields from the dataset and mode defaults, then validate everything."""
         self._check_choices()
-        filled = {**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode]}
-        changes = {k: v for k, v in filled.items() if getattr(self, k) is None}
-        resolved = dataclasses.replace(self, **changes)
+        resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode]})
         if self.mode == "dst" and "none" in resolved.primitives:
             # In DST sparsity is learned by the thresholds, so 'none' is no candidate (SPEC 4).
             resolved = dataclasses.replace(
@@ -122,36 +154,21 @@ class SearchConfig:
     def validate(self) -> None:
         """Check a resolved config; raises ``ConfigError`` on the first bad field."""
         self._check_choices()
-        for name in ("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 1")
+        self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio"),
+                    nonneg_ints=("seed", "arch_warmup_epochs", "num_workers"),
+                    nonneg=("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
+                    positive=("lr", "arch_lr", "tau_start", "tau_end"),
+                    unit=("momentum", "arch_beta1", "arch_beta2"))
         if self.layers < 3:
             raise ConfigError("layers", self.layers,
                               "must be >= 3 so that the net has a normal and a reduction cell")
-        for name in ("seed", "arch_warmup_epochs", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "must be an integer >= 0")
-        for name in ("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "must be >= 0")
-        for name in ("lr", "arch_lr", "tau_start", "tau_end"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(name, getattr(self, name), "must be > 0")
-        for name in ("momentum", "arch_beta1", "arch_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be in [0, 1)")
         if not 0 < self.train_portion < 1:
             raise ConfigError("train_portion", self.train_portion, "must be in (0, 1)")
-        if not 0 < self.subset_fraction <= 1:
-            raise ConfigError("subset_fraction", self.subset_fraction, "must be in (0, 1]")
         if self.tau_schedule not in SCHEDULES:
             raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
         self._check_primitives()
         self._check_placement()
         self._check_bottleneck()
-        self._check_data()
-        if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
-            raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N, mps")
 
     def _check_primitives(self) -> None:
         if not self.primitives:
@@ -187,14 +204,6 @@ class SearchConfig:
                 raise ConfigError("bottleneck_ratio", self.bottleneck_ratio,
                                   f"leaves {op_channels} channels in reduction cell {index}; its "
                                   "skip_connect (FactorizedReduce) needs an even count")
-
-    def _check_data(self) -> None:
-        if self.dataset in ("cifar10", "cifar100", "imagenet"):
-            if self.data_dir is None:
-                raise ConfigError("data_dir", None, f"dataset {self.dataset} needs a data directory")
-            if not Path(self.data_dir).is_dir() and not (self.download and self.dataset != "imagenet"):
-                hint = " (or set download: true)" if self.dataset != "imagenet" else ""
-                raise ConfigError("data_dir", self.data_dir, f"is not an existing directory{hint}")
 
     # -- derived facts --------------------------------------------------------------------------
     def reduction_cells(self) -> list[int]:
@@ -262,9 +271,79 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+LR_SCHEDULES = ("cosine", "step")
+
+
+@dataclass(frozen=True)
+class EvalConfig(FlatConfig):
+    """Every setting of one evaluation: a genotype trained from scratch (SPEC 8).
+
+    ``None`` means "the standard recipe for this dataset": DARTS' CIFAR and ImageNet (mobile)
+    settings, or a small network for digits. Any value can be overridden for a proxy evaluation."""
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    seed: int = 0
+    layers: Optional[int] = None
+    init_channels: Optional[int] = None
+    lr: Optional[float] = None
+    lr_min: float = 0.0
+    lr_schedule: Optional[str] = None   # cosine (to lr_min over the epochs) | step (x lr_gamma a epoch)
+    lr_gamma: float = 0.97
+    momentum: float = 0.9
+    weight_decay: Optional[float] = None
+    auxiliary: Optional[bool] = None
+    auxiliary_weight: float = 0.4
+    drop_path_prob: Optional[float] = None   # ramped linearly from 0 with the epoch, as DARTS
+    cutout: Optional[int] = None
+    grad_clip: float = 5.0
+    label_smoothing: Optional[float] = None
+    subset_fraction: float = 1.0        # share of each class of the training set (proxy runs)
+    num_workers: int = 4
+    device: str = "auto"
+
+    def resolve(self) -> "EvalConfig":
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", self.dataset, f"allowed: {', '.join(DATASETS)}")
+        resolved = self._fill(EVAL_DEFAULTS[self.dataset])
+        resolved.validate()
+        return resolved
+
+    def validate(self) -> None:
+        self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels"),
+                    nonneg_ints=("seed", "cutout", "num_workers"),
+                    nonneg=("lr_min", "weight_decay", "auxiliary_weight", "grad_clip"),
+                    positive=("lr", "lr_gamma"),
+                    unit=("momentum", "drop_path_prob", "label_smoothing"))
+        if self.layers < 3:
+            raise ConfigError("layers", self.layers, "must be >= 3 so that the net has a normal and a reduction cell")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr_schedule", self.lr_schedule, f"allowed: {', '.join(LR_SCHEDULES)}")
+        if self.auxiliary and self.dataset == "digits":
+            raise ConfigError("auxiliary", True, "needs features of at least 5x5 at 2/3 depth; digits (8x8) "
+                              "has 2x2 there: set auxiliary: false")
+
+
+# The DARTS recipes (CIFAR; ImageNet mobile setting), and a small one for digits (our choice).
+_EVAL_CIFAR = dict(epochs=600, batch_size=96, layers=20, init_channels=36, lr=0.025, lr_schedule="cosine",
+                   weight_decay=3e-4, auxiliary=True, drop_path_prob=0.2, cutout=16, label_smoothing=0.0)
+EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(epochs=20, batch_size=64, layers=6, init_channels=16, lr=0.05, lr_schedule="cosine",
+                   weight_decay=3e-4, auxiliary=False, drop_path_prob=0.0, cutout=0, label_smoothing=0.0),
+    "synthetic": dict(_EVAL_CIFAR),
+    "cifar10": dict(_EVAL_CIFAR),
+    "cifar100": dict(_EVAL_CIFAR),
+    "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, lr=0.1, lr_schedule="step",
+                     weight_decay=3e-5, auxiliary=True, drop_path_prob=0.0, cutout=0, label_smoothing=0.1),
+}
+
+
 # -- coercion of YAML / --set values -----------------------------------------------------------
-def _coerce(name: str, value: Any) -> Any:
-    hint = typing.get_type_hints(SearchConfig)[name]
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    hint = typing.get_type_hints(cls)[name]
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
@@ -324,8 +403,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict] = None) -> SearchConfig:
-    """Read a YAML file (optional), apply ``--set`` overrides, resolve and validate."""
+                base: Optional[dict] = None, cls: type = None):
+    """Read a YAML file (optional), apply ``--set`` overrides, resolve and validate.
+
+    ``cls`` is the config class (``SearchConfig`` unless given)."""
+    cls = cls or SearchConfig
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -339,8 +421,4 @@ def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str
             raise ConfigError("--config", str(path), "must hold a mapping of setting names to values")
         data.update(loaded)
     data.update(parse_overrides(overrides or []))
-    return SearchConfig.from_dict(data).resolve()
-
-
-def save_config(config: SearchConfig, path: os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return cls.from_dict(data).resolve()

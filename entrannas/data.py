@@ -270,3 +270,48 @@ def _imagenet_search_data(config, info: DataInfo) -> SearchData:
                       _EpochLoader(sub(folder, w_idx.tolist()), config.batch_size, config.seed, config.num_workers),
                       _EpochLoader(sub(folder, a_idx.tolist()), config.batch_size, config.seed + 7919,
                                    config.num_workers))
+
+
+@dataclass
+class EvalData:
+    info: DataInfo
+    train: object
+    test: object
+
+
+def build_eval_data(config, device: torch.device) -> EvalData:
+    """Training set (optionally a per-class ``subset_fraction``) and test set for evaluation."""
+    info = DATA_INFO[config.dataset]
+    if config.dataset == "imagenet":
+        train = imagenet_folder(config.data_dir, "train", train_transforms=True)
+        test = imagenet_folder(config.data_dir, "val", train_transforms=False)
+        if config.subset_fraction < 1:
+            idx, _ = split_per_class(torch.tensor(train.targets), config.subset_fraction, 1.0, config.seed)
+            train = torch.utils.data.Subset(train, idx.tolist())
+            classes = len(train.dataset.classes)
+        else:
+            classes = len(train.classes)
+        info = DataInfo(classes, 3, 224, "imagenet")
+        return EvalData(info, _EpochLoader(train, config.batch_size, config.seed, config.num_workers),
+                        _OrderedLoader(test, config.batch_size, config.num_workers))
+    (train_x, train_y), (test_x, test_y) = load_arrays(config.dataset, config.data_dir, config.download)
+    if config.subset_fraction < 1:
+        idx, _ = split_per_class(train_y, config.subset_fraction, 1.0, config.seed)
+        train_x, train_y = train_x[idx], train_y[idx]
+    augment = "crop_flip" if config.dataset.startswith("cifar") else None
+    train = TensorBatches(train_x.to(device), train_y.to(device), config.batch_size, shuffle=True,
+                          seed=config.seed, augment=augment, cutout=config.cutout)
+    test = TensorBatches(test_x.to(device), test_y.to(device), config.batch_size, shuffle=False, seed=0)
+    return EvalData(info, train, test)
+
+
+class _OrderedLoader(_EpochLoader):
+    """A test-set loader: fixed order, no augmentation randomness."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int):
+        super().__init__(dataset, batch_size, 0, num_workers)
+
+    def __iter__(self):
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+                                                num_workers=self.num_workers,
+                                                pin_memory=torch.cuda.is_available()))

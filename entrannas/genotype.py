@@ -113,12 +113,14 @@ class Genotype:
         ``range(a, b)`` is accepted for the concat lists, as in the DARTS source.
         """
         text = text.strip()
-        match = re.fullmatch(r"(?:\w+\.)*Genotype\s*\((.*)\)", text, flags=re.S)
-        if not match:
+        if not re.match(r"(?:\w+\s*=\s*)?(?:\w+\.)*Genotype\s*\(", text):
             raise GenotypeError(f"not DARTS genotype notation (expected 'Genotype(normal=[...], ...)'): "
                                 f"{text[:60]!r}")
         try:
-            call = ast.parse(text, mode="eval").body
+            call = ast.parse(text.split("=", 1)[1].strip() if re.match(r"\w+\s*=", text) else text,
+                             mode="eval").body
+            if not isinstance(call, ast.Call):
+                raise GenotypeError("DARTS genotype does not parse: expected one Genotype(...) call")
             kwargs = {kw.arg: kw.value for kw in call.keywords}
             fields = {}
             for key in ("normal", "normal_concat", "reduce", "reduce_concat"):

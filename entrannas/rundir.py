@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
-
+from typing import Optional
 import yaml
 
 CONFIG, HISTORY, CHECKPOINT = "config.yaml", "history.jsonl", "checkpoint.pt"
@@ -27,8 +26,9 @@ class RunDir:
     def has_run(self) -> bool:
         return (self.path / HISTORY).exists() or self.checkpoint.exists()
 
-    def prepare(self, config: dict, resume: bool) -> bool:
-        """Create the directory, or check that a resumed one ran the same config.
+    def prepare(self, config: dict, resume: bool, inputs: Optional[dict] = None) -> bool:
+        """Create the directory, or check that a resumed one ran the same config (and the same
+        ``inputs``: JSON files by name, such as the genotype an evaluation trains).
 
         Returns whether a checkpoint should be loaded. Never overwrites an earlier run unless resuming.
         """
@@ -45,8 +45,13 @@ class RunDir:
             if changed:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
                 raise RunDirError(f"--resume {self.path}: the config differs from the saved one ({detail})")
+        for name, obj in (inputs or {}).items():
+            if resume and (self.path / name).exists() and json.loads((self.path / name).read_text()) != obj:
+                raise RunDirError(f"--resume {self.path}: {name} differs from the one this run started with")
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved_path, yaml.safe_dump(config, sort_keys=False))
+        for name, obj in (inputs or {}).items():
+            self.write_json(name, obj)
         return resume and self.checkpoint.exists()
 
     def history(self) -> list[dict]:
@@ -64,8 +69,10 @@ class RunDir:
         with open(self.path / HISTORY, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def write_json(self, name: str, obj) -> None:
-        write_text_atomic(self.path / name, json.dumps(obj, indent=2) + "\n")
+    def write_json(self, name: str, obj: dict) -> None:
+        """One top-level key per line, values compact (a genotype stays readable)."""
+        lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items())
+        write_text_atomic(self.path / name, "{\n" + lines + "\n}\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -74,12 +81,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def format_record(record: dict, keys: Iterable[str] = ()) -> str:
+def format_record(record: dict) -> str:
     """One summary line of an epoch record, for the terminal."""
     kept = record.get("kept_connections") or {}
     parts = [f"epoch {record['epoch'] + 1:>3}"]
     for key, label in (("train_loss", "train loss"), ("train_acc", "train acc"),
-                       ("valid_loss", "valid loss"), ("valid_acc", "valid acc")):
+                       ("valid_loss", "valid loss"), ("valid_acc", "valid acc"),
+                       ("test_loss", "test loss"), ("test_error", "test error")):
         if key in record:
             parts.append(f"{label} {record[key]:.3f}")
     if "tau" in record:

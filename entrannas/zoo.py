@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .genotype import Genotype
+from .genotype import Genotype, GenotypeError
 
 _DARTS_NOTATION = {
     "DARTS_V1": "Genotype(normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0), "
@@ -39,3 +39,24 @@ ZOO: dict[str, Genotype] = {name: Genotype.from_darts(text) for name, text in _D
 
 def darts_notation(name: str) -> str:
     return _DARTS_NOTATION[name]
+
+
+def load_genotype(source: str) -> Genotype:
+    """A genotype from a zoo name, a JSON file, a file in DARTS notation, or a run directory
+    holding ``genotype.json`` (a search output). Raises ``GenotypeError`` saying what was tried."""
+    from pathlib import Path
+
+    if source in ZOO:
+        return ZOO[source]
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "genotype.json").is_file():
+            raise GenotypeError(f"genotype: directory {source} holds no genotype.json (is it a search output?)")
+        path = path / "genotype.json"
+    if not path.is_file():
+        raise GenotypeError(f"genotype: {source!r} is neither a known name ({', '.join(ZOO)}), "
+                            "a file, nor a search directory")
+    text = path.read_text()
+    if text.lstrip().startswith("{"):
+        return Genotype.from_json(text)
+    return Genotype.from_darts(text)

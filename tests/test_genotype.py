@@ -57,10 +57,16 @@ def test_bad_genotypes_say_what_is_wrong(normal, concat, message):
     ("Genotype(normal=[('sep_conv_3x3', 0)], normal_concat=[2], reduce=[], reduce_concat=[2])", "pairs"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])", "lacks normal_concat"),
     ("hello", "not DARTS genotype notation"),
+    ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], reduce=[(", "does not parse"),
 ])
+
 def test_bad_darts_notation(text, message):
     with pytest.raises(GenotypeError, match=message):
         Genotype.from_darts(text)
+
+
+def test_darts_notation_with_an_assignment_as_in_genotypes_py():
+    assert Genotype.from_darts("DARTS_V2 = " + ZOO["DARTS_V2"].to_darts()) == ZOO["DARTS_V2"]
 
 
 def test_genotype_from_masks_lists_every_kept_pair():
