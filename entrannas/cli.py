@@ -32,6 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a zoo name (DARTS_V1, DARTS_V2, PC_DARTS, ...), a JSON or DARTS-notation "
                                "file, or a search output directory")
     _add_config_args(evaluate)
+
+    sweep = sub.add_parser("sweep", help="run an ablation sweep with Ray Tune",
+                           description="Run every trial of a sweep spec (ablations/*.yaml) with Ray Tune.")
+    sweep.add_argument("spec", metavar="SPEC.yaml")
+    sweep.add_argument("--storage", default="runs", metavar="DIR", help="experiments root (default ./runs)")
+    sweep.add_argument("--name", help="experiment name (default: the spec's name)")
+    sweep.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a base setting (removes an axis of that name); evaluate.KEY=VALUE "
+                            "sets an evaluation setting")
+    sweep.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    sweep.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1)")
+    resume = sub.add_parser("resume", help="continue an interrupted sweep",
+                            description="Continue a sweep: finished trials are kept, interrupted ones "
+                                        "continue from their last epoch checkpoint.")
+    resume.add_argument("experiment", metavar="EXPERIMENT_DIR")
+    resume.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    resume.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    resume.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1)")
     return parser
 
 
@@ -144,7 +163,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return status
 
 
-COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate}
+def _finish_sweep(results, experiment, no_report: bool) -> int:
+    from orchestrator.sweep import summarize
+
+    print(f"sweep finished: {len(results)} trials, {sum(1 for r in results if r.error)} failed; {experiment}")
+    summarize(results)
+    if not no_report:
+        try:
+            from results.report import write_report
+        except ImportError:   # the results package is not built yet
+            return 0
+        index = write_report([experiment])
+        print(f"report: {index}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.sweep import ExperimentError, run_sweep
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        if args.name:
+            spec = spec.__class__(**{**spec.__dict__, "name": args.name})
+        results = run_sweep(spec, args.storage, args.address, args.dashboard)
+    except (SpecError, ExperimentError) as e:
+        return _error(str(e))
+    from pathlib import Path
+
+    return _finish_sweep(results, Path(args.storage).expanduser().resolve() / spec.name, args.no_report)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.spec import SpecError
+    from orchestrator.sweep import ExperimentError, resume_sweep
+
+    try:
+        results = resume_sweep(args.experiment, args.address, args.dashboard)
+    except (SpecError, ExperimentError) as e:
+        return _error(str(e))
+    from pathlib import Path
+
+    return _finish_sweep(results, Path(args.experiment).expanduser().resolve(), args.no_report)
+
+
+COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "resume": cmd_resume}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,3 +1,9 @@
+import os
+
+# Ray reads these when it is imported: every Ray process of the tests must agree (MACHINE-NOTES).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
 import pytest
 import torch
 

@@ -1,0 +1,204 @@
+"""Run and resume sweeps: spec -> Ray Tune trials, on a local Ray or an existing cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict
+
+SPEC_FILE = "sweep.yaml"
+
+
+class ExperimentError(ValueError):
+    """An experiment directory that cannot be used as asked."""
+
+
+def ray_environment(address: Optional[str]) -> Optional[str]:
+    """Settings Ray reads when it is imported: call before the first ``import ray``.
+
+    Ray 2.60 authenticates with a token; every process of a cluster must agree, so the mode is set
+    explicitly (a user's own RAY_AUTH_MODE is kept, to match their cluster). Returns the address."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Tune warns each time num_to_keep forces a state snapshot; with per-epoch checkpoints that is
+    # most epochs, and the snapshot is cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Our own progress lines replace Tune's tables (the legacy output honours verbose=0).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address is None:
+        # A local Ray listens on loopback only (Ray's single-machine mode, as on macOS).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return address
+
+
+def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; check that a trial fits a node."""
+    address = ray_environment(address)
+    if address is None:
+        check_resources_fit(spec, [local_node_resources()])   # before anything starts
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=address, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False, configure_logging=True)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_resources_fit(spec, nodes)
+
+
+def param_space(spec: SweepSpec) -> dict:
+    """One grid axis over whole trial settings, so that unions of grids stay exact."""
+    from ray import tune
+
+    trials = []
+    for point in spec.points():
+        search = spec.search_config(point)
+        evaluation = spec.eval_config(search)
+        trials.append({"point": point, "evaluate": evaluation.to_dict() if evaluation else None})
+    return {"base": spec.base, "trial": tune.grid_search(trials),
+            "cpus_per_trial": spec.trial_resources()["cpu"]}
+
+
+def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = None):
+    from ray import tune
+
+    from .trial import search_trial
+
+    trial_fn = trial_fn or search_trial
+
+    def trainable(config: dict) -> None:
+        trial_fn({"base": config["base"], "point": config["trial"]["point"],
+                      "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"]})
+
+    res = spec.trial_resources()
+    return tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
+
+
+def _trial_label(trial) -> str:
+    point = trial.config["trial"]["point"]
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or trial.trial_id
+
+
+def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every: float = 10.0):
+    """A Tune callback printing a status line: trials running/done/failed and the best so far."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.start, self.last_print, self.best = time.monotonic(), 0.0, None
+            self.total = len(spec.points())
+
+        def _line(self, trials, event: str = "", ending=None, ending_as: str = "") -> None:
+            # the trial that just ended still shows its old status inside these hooks
+            states = [ending_as if t is ending else t.status for t in trials]
+            done = sum(s == "TERMINATED" for s in states)
+            failed = sum(s == "ERROR" for s in states)
+            running = sum(s == "RUNNING" for s in states)
+            best = ""
+            if self.best:
+                best = f" | best {self.best[1]} {self.best[0]:.4f} ({self.best[2]})"
+            out(f"[{time.monotonic() - self.start:6.0f}s] {done}/{self.total} done, {running} running, "
+                f"{failed} failed{best}{event}")
+            self.last_print = time.monotonic()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            for key in ("eval_test_error", "valid_error"):
+                if result.get(key) is not None:
+                    if self.best is None or (key == self.best[1] and result[key] < self.best[0]) or \
+                            (key == "eval_test_error" and self.best[1] != key):
+                        self.best = (result[key], key, _trial_label(trial))
+                    break
+            if time.monotonic() - self.last_print > every:
+                self._line(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trials, f" | finished: {_trial_label(trial)}", trial, "TERMINATED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, f" | FAILED: {_trial_label(trial)}", trial, "ERROR")
+
+    return Progress()
+
+
+def _run_config(spec: SweepSpec, storage: Path, callbacks: list):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=spec.name, storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks, verbose=0)
+
+
+def run_sweep(spec: SweepSpec, storage: os.PathLike = "runs", address: Optional[str] = None,
+              dashboard: bool = False, out: Callable[[str], None] = print,
+              trial_fn: Optional[Callable[[dict], None]] = None):
+    """Run every trial of ``spec`` under ``storage/spec.name``; returns Tune's ResultGrid.
+
+    ``trial_fn`` replaces the trial function (default ``orchestrator.trial.search_trial``)."""
+    address = ray_environment(address)
+    from ray import tune
+
+    storage = Path(storage).expanduser().resolve()
+    experiment = storage / spec.name
+    if (experiment / SPEC_FILE).exists():
+        raise ExperimentError(f"--storage/--name: {experiment} already holds a sweep; continue it with "
+                              f"'entrannas-tune resume {experiment}' or choose another --name")
+    start_ray(spec, address, dashboard)
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    out(f"sweep {spec.name}: {len(spec.points())} trials, {spec.trial_resources()} each, into {experiment}")
+    tuner = tune.Tuner(
+        _trainable(spec, trial_fn), param_space=param_space(spec),
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
+                                    trial_dirname_creator=lambda t: t.trial_id,
+                                    trial_name_creator=lambda t: t.trial_id),
+        run_config=_run_config(spec, storage, [progress_callback(spec, out)]))
+    return tuner.fit()
+
+
+def load_experiment_spec(experiment: os.PathLike) -> SweepSpec:
+    path = Path(experiment) / SPEC_FILE
+    if not path.is_file():
+        raise ExperimentError(f"{experiment}: not a sweep experiment directory (no {SPEC_FILE})")
+    try:
+        return spec_from_dict(yaml.safe_load(path.read_text()))
+    except SpecError as e:
+        raise ExperimentError(f"{path}: {e}") from None
+
+
+def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboard: bool = False,
+                 out: Callable[[str], None] = print, trial_fn: Optional[Callable[[dict], None]] = None):
+    """Continue an interrupted sweep: finished trials stay, errored and unfinished ones continue
+    from their last checkpoint."""
+    address = ray_environment(address)
+    from ray import tune
+
+    experiment = Path(experiment).expanduser().resolve()
+    spec = load_experiment_spec(experiment)
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise ExperimentError(f"{experiment}: Tune has no experiment state to restore here")
+    start_ray(spec, address, dashboard)
+    out(f"resuming sweep {spec.name} in {experiment}")
+    tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(spec, trial_fn), resume_unfinished=True,
+                               resume_errored=True, restart_errored=False)
+    # the callbacks of the first run are not saved with the experiment; pass them again
+    tuner._local_tuner._run_config.callbacks = [progress_callback(spec, out)]
+    return tuner.fit()
+
+
+def summarize(results, out: Callable[[str], None] = print) -> None:
+    """A short table of trials when no full report is written."""
+    for result in results:
+        metrics = result.metrics or {}
+        status = "failed" if result.error else ("diverged" if metrics.get("diverged") else "done")
+        err = metrics.get("eval_test_error", metrics.get("valid_error"))
+        err_text = f"{err:.4f}" if isinstance(err, float) else "-"
+        point = (result.config or {}).get("trial", {}).get("point", {})
+        out(f"  {status:<8} error {err_text:<7} " + ", ".join(f"{k}={v}" for k, v in point.items()))
+
