@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     resume.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1)")
+
+    report = sub.add_parser("report", help="ablation tables and plots from finished runs",
+                            description="Tables (CSV, Markdown, LaTeX), plots and index.md from sweep "
+                                        "experiments or search/evaluate directories.")
+    report.add_argument("dirs", nargs="+", metavar="DIR")
+    report.add_argument("--out", help="output directory (default: DIR/report of the first DIR)")
+    report.add_argument("--group-by", nargs="+", metavar="KEY", help="group tables and plots by these keys "
+                        "(default: each swept setting)")
     return parser
 
 
@@ -169,12 +177,21 @@ def _finish_sweep(results, experiment, no_report: bool) -> int:
     print(f"sweep finished: {len(results)} trials, {sum(1 for r in results if r.error)} failed; {experiment}")
     summarize(results)
     if not no_report:
-        try:
-            from results.report import write_report
-        except ImportError:   # the results package is not built yet
-            return 0
-        index = write_report([experiment])
-        print(f"report: {index}")
+        from results.report import write_report
+
+        print(f"report: {write_report([experiment])}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from results.collect import NotAnExperiment
+    from results.report import write_report
+
+    try:
+        index = write_report(args.dirs, args.out, args.group_by)
+    except (NotAnExperiment, KeyError) as e:
+        return _error(str(e).strip('"'))
+    print(f"report: {index}")
     return 0
 
 
@@ -207,7 +224,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _finish_sweep(results, Path(args.experiment).expanduser().resolve(), args.no_report)
 
 
-COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "resume": cmd_resume}
+COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "resume": cmd_resume,
+            "report": cmd_report}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

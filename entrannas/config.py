@@ -249,7 +249,7 @@ def _show(value: Any) -> Any:
 _CIFAR = dict(epochs=50, batch_size=256, layers=8, init_channels=16, lr=0.1, arch_lr=6e-4,
               arch_warmup_epochs=15, train_portion=0.5, subset_fraction=1.0)
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(epochs=10, batch_size=64, layers=5, init_channels=8, lr=0.05, arch_lr=2e-2,
+    "digits": dict(epochs=10, batch_size=64, layers=5, init_channels=16, lr=0.05, arch_lr=6e-3,
                    arch_warmup_epochs=2, train_portion=0.5, subset_fraction=1.0),
     "synthetic": dict(_CIFAR),
     "cifar10": dict(_CIFAR),

@@ -135,6 +135,19 @@ class SearchCell(nn.Module):
         return torch.cat(states[N_INPUTS:], dim=1)
 
 
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm normalise with the current batch's statistics, in eval mode too.
+
+    Our choice for the super-net: Transit-cells switch ops from one iteration to the next, so an op's
+    running statistics are stale whenever it is switched back in, and an eval-mode validation pass
+    would measure the staleness, not the architecture. Training is unchanged (it always uses batch
+    statistics)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
 class SearchNetwork(nn.Module):
     """Stem, ``layers`` cells (reductions at 1/3 and 2/3 depth), global pool, classifier."""
 
@@ -183,6 +196,7 @@ class SearchNetwork(nn.Module):
             self.beta_normal = self.beta_reduce = None
         self._plans: dict[tuple, CellPlan] = {}
         self.last_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        use_batch_statistics(self)
 
     # -- parameters -----------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,200 @@
+"""Tidy DataFrames -> matplotlib Figures (seaborn). Pure: nothing is shown or written here.
+
+Figures are built on ``matplotlib.figure.Figure`` directly, so no global pyplot state or GUI
+backend is involved; ``Figure.savefig`` writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional, Sequence
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from .tables import MISSING
+
+ERROR_LABELS = {"eval_test_error": "test error (%)", "valid_error": "super-net validation error (%)"}
+
+
+def setting_column(df: pd.DataFrame, key: str) -> str:
+    return f"setting:{key}" if f"setting:{key}" in df.columns else key
+
+
+def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    col = setting_column(df, key)
+    out = df.copy()
+    out[key] = out[col].map(lambda v: MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+    if key != col:
+        out = out.drop(columns=[col])
+    return out
+
+
+def error_column(trials: pd.DataFrame) -> str:
+    """The test error when an evaluation ran, else the super-net's validation error."""
+    if "eval_test_error" in trials.columns and trials["eval_test_error"].notna().any():
+        return "eval_test_error"
+    return "valid_error"
+
+
+def _numeric(series: pd.Series) -> bool:
+    values = [v for v in series if v != MISSING]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _percent(df: pd.DataFrame, column: str) -> pd.Series:
+    return pd.to_numeric(df[column], errors="coerce") * 100
+
+
+def metric_vs_setting(trials: pd.DataFrame, key: str, value: str, label: str, scale: float = 1.0,
+                      title: Optional[str] = None) -> Figure:
+    """``value`` against a numeric setting: mean line with a standard-deviation band, every trial a dot."""
+    df = _with_key(trials, key)
+    df = df[df[key] != MISSING].copy()
+    df[key] = pd.to_numeric(df[key])
+    df["__y"] = pd.to_numeric(df[value], errors="coerce") * scale
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    hue = "experiment" if df["experiment"].nunique() > 1 else None
+    sns.lineplot(data=df, x=key, y="__y", hue=hue, errorbar="sd", marker="o", ax=ax)
+    sns.scatterplot(data=df, x=key, y="__y", hue=hue, alpha=0.4, legend=False, ax=ax)
+    ax.set_xlabel(key)
+    ax.set_ylabel(label)
+    ax.set_title(title or f"{label} vs {key} (mean ± sd over seeds)")
+    return fig
+
+
+def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
+    """Error and search time per value of a (categorical) setting, mean ± sd over seeds."""
+    df = _with_key(trials, key)
+    df[key] = df[key].astype(str)
+    err = error_column(df)
+    df["__err"] = _percent(df, err)
+    df["__cost"] = pd.to_numeric(df["search_seconds"], errors="coerce") / 60
+    hue = "experiment" if df["experiment"].nunique() > 1 else None
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_err, ax_cost = fig.subplots(1, 2)
+    sns.barplot(data=df, x=key, y="__err", hue=hue, errorbar="sd", ax=ax_err)
+    sns.stripplot(data=df, x=key, y="__err", hue=hue, dodge=hue is not None, color="black", size=4,
+                  legend=False, ax=ax_err)
+    ax_err.set_xlabel(key)
+    ax_err.set_ylabel(ERROR_LABELS[err])
+    ax_err.set_title(f"{ERROR_LABELS[err].split(' (')[0]} per {key}")
+    sns.barplot(data=df, x=key, y="__cost", hue=hue, errorbar="sd", ax=ax_cost)
+    ax_cost.set_xlabel(key)
+    ax_cost.set_ylabel("search time (min)")
+    ax_cost.set_title(f"search cost per {key}")
+    fig.suptitle(f"{key}: mean ± sd over seeds")
+    return fig
+
+
+def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
+    """Super-net validation error per epoch, one line per value of ``key`` (band: sd over seeds)."""
+    df = _with_key(epochs, key)
+    df[key] = df[key].astype(str)
+    df["__err"] = _percent(df, "valid_error")
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    sns.lineplot(data=df, x="epoch", y="__err", hue=key, errorbar="sd", ax=ax)
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("super-net validation error (%)")
+    ax.set_title(f"validation error during search, per {key}")
+    return fig
+
+
+def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
+    """Temperature and mean DST thresholds t = sigmoid(beta) per epoch, per value of ``key``."""
+    df = _with_key(epochs, key)
+    df[key] = df[key].astype(str)
+    panels = [("tau", "temperature tau")]
+    panels += [(c, f"mean threshold, {c.split('_')[1]} cell") for c in ("threshold_normal", "threshold_reduce")
+               if c in df.columns and df[c].notna().any()]
+    fig = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (column, label) in zip(axes, panels):
+        sns.lineplot(data=df.dropna(subset=[column]), x="epoch", y=column, hue=key, errorbar="sd", ax=ax)
+        ax.set_xlabel("search epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    fig.suptitle(f"tau and thresholds per {key}")
+    return fig
+
+
+def op_heatmap(trials: pd.DataFrame, key: str) -> Figure:
+    """Mean count of each operation in the final genotypes (normal + reduction cell) per group."""
+    df = _with_key(trials, key)
+    ops = [c for c in df.columns if c.startswith("op:")]
+    table = df.groupby(df[key].astype(str))[ops].mean()
+    table.columns = [c[3:] for c in ops]
+    fig = Figure(figsize=(1.1 * len(ops) + 2.5, 0.5 * len(table) + 2.2), layout="constrained")
+    ax = fig.add_subplot()
+    sns.heatmap(table, annot=True, fmt=".1f", cmap="viridis", cbar_kws={"label": "mean count per genotype"}, ax=ax)
+    ax.set_xlabel("operation")
+    ax.set_ylabel(key)
+    ax.set_title(f"operation frequency in the final genotypes, per {key}")
+    return fig
+
+
+def draw_cell(ax, nodes: Sequence, concat: Sequence[int], title: str) -> None:
+    """A cell as a graph: inputs c_{k-2}, c_{k-1}, intermediate nodes, output c_k; every (op, input)
+    pair an arrow labelled with its op. Any number of inputs per node."""
+    n = len(nodes)
+    pos = {0: (0.0, 1.0), 1: (0.0, -1.0)}
+    for j in range(n):
+        pos[j + 2] = (1.5 + j, 0.6 if j % 2 else -0.6)
+    out = (n + 2.0, 0.0)
+    names = {0: "c_{k-2}", 1: "c_{k-1}", **{j + 2: str(j) for j in range(n)}}
+    for state, (x, y) in pos.items():
+        color = "#a6cee3" if state < 2 else "#fdbf6f"
+        ax.annotate(f"${names[state]}$" if state < 2 else names[state], (x, y), ha="center", va="center",
+                    fontsize=9, bbox={"boxstyle": "circle", "fc": color, "ec": "black"}, zorder=3)
+    ax.annotate("$c_k$", out, ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "circle", "fc": "#b2df8a", "ec": "black"}, zorder=3)
+    for j, node in enumerate(nodes):
+        target = pos[j + 2]
+        seen: dict[int, int] = {}
+        for op, i in node:
+            k = seen.get(i, 0)
+            seen[i] = k + 1
+            source = pos[i]
+            rad = (0.25 + 0.18 * k) * (1 if (i + j) % 2 else -1)
+            ax.annotate("", target, source, zorder=1,
+                        arrowprops={"arrowstyle": "->", "color": "0.3", "shrinkA": 11, "shrinkB": 11,
+                                    "connectionstyle": f"arc3,rad={rad}"})
+            dx, dy = target[0] - source[0], target[1] - source[1]
+            mx, my = (source[0] + target[0]) / 2 + 0.5 * rad * dy, (source[1] + target[1]) / 2 - 0.5 * rad * dx
+            ax.text(mx, my, op, fontsize=6, ha="center", va="center", zorder=2,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    for state in concat:
+        ax.annotate("", out, pos[state], zorder=1,
+                    arrowprops={"arrowstyle": "->", "color": "0.6", "linestyle": "--", "shrinkA": 11, "shrinkB": 11})
+    ax.set_xlim(-0.6, n + 2.6)
+    ax.set_ylim(-1.8, 1.8)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+
+
+def cell_diagrams(rows: Sequence[tuple[str, dict]]) -> Figure:
+    """Normal and reduction cell of each (label, genotype dict), one row per genotype."""
+    fig = Figure(figsize=(13, 3.2 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for (label, genotype), (ax_n, ax_r) in zip(rows, axes):
+        draw_cell(ax_n, genotype["normal"], genotype["normal_concat"], f"{label}: normal cell")
+        draw_cell(ax_r, genotype["reduce"], genotype["reduce_concat"], f"{label}: reduction cell")
+    return fig
+
+
+def best_cells(trials: pd.DataFrame, key: str) -> Optional[Figure]:
+    """Cell diagrams of the best finished trial (lowest error) of each group of ``key``."""
+    df = _with_key(trials, key)
+    err = error_column(df)
+    df = df[df["genotype"].notna() & df[err].notna()]
+    if df.empty:
+        return None
+    rows = []
+    for value, group in df.groupby(df[key].astype(str), sort=True):
+        best = group.loc[pd.to_numeric(group[err]).idxmin()]
+        rows.append((f"{key}={value} (error {100 * best[err]:.2f}%)", json.loads(best["genotype"])))
+    return cell_diagrams(rows)

@@ -1,0 +1,111 @@
+"""``entrannas-tune report``: tables, plots and an index page for one or more experiments."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from . import plots
+from .collect import load, swept_settings
+from .tables import display_table, summarize, to_latex, to_markdown
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "x"
+
+
+def trials_csv(trials: pd.DataFrame) -> pd.DataFrame:
+    """Settings without their ``setting:`` prefix (dropping duplicates of seed/mode)."""
+    renamed = {}
+    for c in trials.columns:
+        if c.startswith("setting:"):
+            name = c.split(":", 1)[1]
+            renamed[c] = None if name in trials.columns else name
+    out = trials.drop(columns=[c for c, n in renamed.items() if n is None])
+    return out.rename(columns={c: n for c, n in renamed.items() if n})
+
+
+def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None,
+                 group_by: Optional[Sequence[str]] = None) -> Path:
+    """Write trials.csv, tables/, plots/ and index.md; returns the index path."""
+    paths = [Path(p).expanduser().resolve() for p in paths]
+    trials, epochs = load(paths)
+    out = Path(out) if out else paths[0] / "report"
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    trials_csv(trials).to_csv(out / "trials.csv", index=False)
+
+    multi = trials["experiment"].nunique() > 1 if not trials.empty else False
+    if group_by:
+        groupings = [list(group_by)]
+    else:
+        keys = [k for k in swept_settings(trials) if k != "seed"] if not trials.empty else []
+        groupings = [[k] for k in keys]
+        if len(keys) > 1:
+            groupings.append(keys)
+        if multi:
+            groupings = [["experiment", *g] for g in groupings] or [["experiment"]]
+        if not groupings:
+            groupings = [["mode"]] if not trials.empty else []
+
+    sections = [f"# Report: {', '.join(p.name for p in paths)}\n"]
+    if not trials.empty:
+        counts = trials["status"].value_counts().to_dict()
+        sections.append(f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                        + ". Errors are mean ± sd over seeds; `n` counts the trials that have a value.\n")
+        failed = trials[trials["status"].isin(["failed", "diverged"])]
+        if len(failed):
+            sections.append("Failed or diverged trials:\n\n" + "\n".join(
+                f"- `{r.trial_id}` ({r.status}): {r.error}" for r in failed.itertuples()) + "\n")
+
+    for by in groupings:
+        name = _safe("_".join(by))
+        summary = summarize(trials, by)
+        summary.to_csv(out / "tables" / f"{name}.csv", index=False)
+        table = display_table(summary, by)
+        (out / "tables" / f"{name}.md").write_text(to_markdown(table))
+        (out / "tables" / f"{name}.tex").write_text(to_latex(table))
+        sections.append(f"## By {', '.join(by)}\n\n{to_markdown(table)}")
+
+    figures = []
+    if not trials.empty:
+        plot_keys = list(dict.fromkeys(k for g in groupings for k in g if k != "experiment")) if group_by is None \
+            else list(group_by)
+        if multi and not plot_keys:
+            plot_keys = ["experiment"]
+        for key in plot_keys:
+            figures += _figures_for(trials, epochs, key)
+    for name, title, fig in figures:
+        fig.savefig(out / "plots" / f"{name}.png", dpi=110)
+        sections.append(f"### {title}\n\n![{title}](plots/{name}.png)\n")
+    index = out / "index.md"
+    index.write_text("\n".join(sections))
+    return index
+
+
+def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:
+    figs = []
+    column = plots.setting_column(trials, key)
+    values = trials[column] if column in trials.columns else pd.Series(dtype=object)
+    safe = _safe(key)
+    if key == "lambda_" or (plots._numeric(values.dropna()) and values.nunique() > 2 and key != "seed"):
+        err = plots.error_column(trials)
+        figs.append((f"{safe}_error", f"error vs {key}",
+                     plots.metric_vs_setting(trials, key, err, plots.ERROR_LABELS[err], 100.0)))
+        if "kept_total" in trials.columns:
+            figs.append((f"{safe}_kept", f"kept connections vs {key}",
+                         plots.metric_vs_setting(trials, key, "kept_total",
+                                                 "kept connections (normal + reduction cell)")))
+    figs.append((f"{safe}_error_cost", f"error and search cost per {key}", plots.error_and_cost(trials, key)))
+    if not epochs.empty:
+        figs.append((f"{safe}_curves", f"validation error per epoch, per {key}", plots.learning_curves(epochs, key)))
+        figs.append((f"{safe}_trajectories", f"tau and thresholds per {key}", plots.trajectories(epochs, key)))
+    if any(c.startswith("op:") for c in trials.columns):
+        figs.append((f"{safe}_ops", f"operation frequency per {key}", plots.op_heatmap(trials, key)))
+    cells = plots.best_cells(trials, key)
+    if cells is not None:
+        figs.append((f"{safe}_cells", f"best cell of each {key}", cells))
+    return figs

@@ -1,0 +1,121 @@
+"""Trial DataFrame -> ablation tables: mean, standard deviation and count over seeds per group.
+
+Failed, diverged and unfinished trials stay in the counts (``n_trials``, ``n_failed``,
+``n_running``); their missing errors are not averaged in, and ``n`` says how many were.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import pandas as pd
+
+#: value columns summarised, with the label and scale used in Markdown/LaTeX
+VALUES: dict[str, tuple[str, float]] = {
+    "valid_error": ("super-net valid error (%)", 100.0),
+    "eval_test_error": ("test error (%)", 100.0),
+    "kept_total": ("kept connections", 1.0),
+    "params_m": ("params (M)", 1.0),
+    "multiply_adds_m": ("multiply-adds (M)", 1.0),
+    "search_seconds": ("search time (s)", 1.0),
+    "gpu_hours": ("GPU-hours", 1.0),
+    "peak_memory_mb": ("peak memory (MB)", 1.0),
+}
+MISSING = "-"
+
+
+def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """One row per group of ``by`` (setting names, 'mode', 'experiment', ...): for each value
+    column its ``_mean``, ``_std`` (sample, ddof=1) and ``_n``, plus trial counts per status."""
+    if not by:
+        raise ValueError("summarize needs at least one column to group by")
+    columns = {key: _column(trials, key) for key in by}
+    frame = trials.assign(**{f"__{k}": trials[c].map(_key) for k, c in columns.items()})
+    values = [v for v in (values or VALUES) if v in trials.columns and trials[v].notna().any()]
+    rows = []
+    for keys, group in frame.groupby([f"__{k}" for k in by], sort=True, dropna=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        row = dict(zip(by, keys))
+        row["n_trials"] = len(group)
+        row["n_failed"] = int(group["status"].isin(["failed", "diverged"]).sum())
+        row["n_running"] = int((group["status"] == "running").sum())
+        for v in values:
+            series = pd.to_numeric(group[v], errors="coerce").dropna()
+            row[f"{v}_mean"] = series.mean() if len(series) else math.nan
+            row[f"{v}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
+            row[f"{v}_n"] = len(series)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _column(trials: pd.DataFrame, key: str) -> str:
+    if f"setting:{key}" in trials.columns:
+        return f"setting:{key}"
+    if key in trials.columns:
+        return key
+    settings = sorted(c.split(":", 1)[1] for c in trials.columns if c.startswith("setting:"))
+    raise KeyError(f"--group-by {key!r}: not a column; swept settings are {', '.join(settings) or 'none'}")
+
+
+def _key(value):
+    """Group keys: missing values (a setting absent from some grid blocks) become '-'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return value
+
+
+def _cell(row: pd.Series, value: str, scale: float) -> str:
+    mean, std, n = row.get(f"{value}_mean"), row.get(f"{value}_std"), row.get(f"{value}_n", 0)
+    if not n or pd.isna(mean):
+        return MISSING
+    digits = 2 if scale != 1.0 or abs(mean) < 100 else 0
+    text = f"{mean * scale:.{digits}f}"
+    if not pd.isna(std):
+        text += f" ± {std * scale:.{digits}f}"
+    return text
+
+
+def display_table(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """The summary as text cells: 'mean ± std' per value, and the trial counts."""
+    out = summary[list(by)].astype(str).copy()
+    for value, (label, scale) in VALUES.items():
+        if f"{value}_mean" in summary.columns:
+            out[label] = [_cell(row, value, scale) for _, row in summary.iterrows()]
+    out["n (done / trials)"] = [f"{int(r[f'{_first_value(summary)}_n'])} / {int(r['n_trials'])}"
+                                if _first_value(summary) else f"- / {int(r['n_trials'])}"
+                                for _, r in summary.iterrows()]
+    out["failed"] = summary["n_failed"].astype(int).astype(str)
+    return out
+
+
+def _first_value(summary: pd.DataFrame) -> Optional[str]:
+    for value in ("eval_test_error", "valid_error"):
+        if f"{value}_n" in summary.columns:
+            return value
+    return None
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cols = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs tabular (\\toprule, \\midrule, \\bottomrule)."""
+    def esc(text) -> str:
+        text = str(text)
+        for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                     ("±", "$\\pm$")):
+            text = text.replace(a, b)
+        return text
+
+    cols = list(table.columns)
+    lines = ["\\begin{tabular}{" + "l" * len(cols) + "}", "\\toprule",
+             " & ".join(esc(c) for c in cols) + " \\\\", "\\midrule"]
+    lines += [" & ".join(esc(v) for v in row) + " \\\\" for _, row in table.iterrows()]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
