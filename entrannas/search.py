@@ -16,7 +16,7 @@ from .data import build_search_data
 from .derive import thresholds
 from .runtime import (load_checkpoint, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
                       save_atomic, seed_everything, set_rng_state)
-from .supernet import SearchNetwork, SupernetSpec
+from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
 
 CHECKPOINT_VERSION = 1
@@ -68,7 +68,10 @@ class Search:
         for step, (train_batch, valid_batch) in enumerate(zip(self.data.train, self.data.valid)):
             train_batch = tuple(t.to(self.device, non_blocking=True) for t in train_batch)
             valid_batch = tuple(t.to(self.device, non_blocking=True) for t in valid_batch)
-            out = self.optimizer.step(train_batch, valid_batch, update_arch)
+            try:
+                out = self.optimizer.step(train_batch, valid_batch, update_arch)
+            except DegenerateArchitecture as e:
+                raise SearchDiverged(f"epoch {self.epoch}, step {step}: {e}; lower lr or arch_lr") from None
             n = train_batch[1].shape[0]
             n_train += n
             sums += torch.stack([out["train_loss"] * n, out["train_correct"].float()])

@@ -47,6 +47,10 @@ class SupernetSpec:
                    in_channels=in_channels, stem=stem, beta_init=config.beta_init)
 
 
+class DegenerateArchitecture(RuntimeError):
+    """A derived cell that cannot run: with finite alpha and beta this cannot happen (SPEC 4)."""
+
+
 class CellPlan:
     """What one cell computes for one derived structure (``mask[e, k]``: op k on edge e is used).
 
@@ -78,7 +82,8 @@ class CellPlan:
             const += [float(mask[e, k]) for k in ks]
         for j, node_terms in enumerate(self.terms):
             if not node_terms:
-                raise ValueError(f"derived structure leaves node {j + N_INPUTS} without inputs")
+                raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
+                                             "(non-finite architecture parameters?)")
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)
         self.const_coef = torch.tensor(const, device=device)

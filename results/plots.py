@@ -77,8 +77,8 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_err, ax_cost = fig.subplots(1, 2)
     sns.barplot(data=df, x=key, y="__err", hue=hue, errorbar="sd", ax=ax_err)
-    sns.stripplot(data=df, x=key, y="__err", hue=hue, dodge=hue is not None, color="black", size=4,
-                  legend=False, ax=ax_err)
+    dots = {"color": "black"} if hue is None else {"palette": "dark:black", "dodge": True}
+    sns.stripplot(data=df, x=key, y="__err", hue=hue, size=4, legend=False, ax=ax_err, **dots)
     ax_err.set_xlabel(key)
     ax_err.set_ylabel(ERROR_LABELS[err])
     ax_err.set_title(f"{ERROR_LABELS[err].split(' (')[0]} per {key}")

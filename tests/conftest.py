@@ -3,6 +3,9 @@ import os
 # Ray reads these when it is imported: every Ray process of the tests must agree (MACHINE-NOTES).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Local Ray instances of the tests listen on loopback only, like the ones the CLI starts.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 import torch

@@ -1,0 +1,182 @@
+"""Report tables and plots: on hand-made frames (exact numbers) and on a real small sweep."""
+
+import json
+import math
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from entrannas.cli import main
+from entrannas.zoo import ZOO
+from results import plots
+from results.collect import NotAnExperiment, genotype_summary, load
+from results.report import write_report
+from results.tables import display_table, summarize, to_latex, to_markdown
+
+
+def frame(rows):
+    base = {"experiment": "e", "status": "done", "search_seconds": 10.0, "genotype": None, "error": None}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_summary_means_stds_counts_and_failed_trials():
+    df = frame([
+        {"setting:lambda_": 0.1, "seed": 0, "valid_error": 0.10},
+        {"setting:lambda_": 0.1, "seed": 1, "valid_error": 0.20},
+        {"setting:lambda_": 0.1, "seed": 2, "valid_error": 0.60},
+        {"setting:lambda_": 0.5, "seed": 0, "valid_error": 0.30},
+        {"setting:lambda_": 0.5, "seed": 1, "valid_error": None, "status": "failed", "error": "boom"},
+    ])
+    s = summarize(df, ["lambda_"]).set_index("lambda_")
+    assert s.loc[0.1, "valid_error_mean"] == pytest.approx(0.3)
+    assert s.loc[0.1, "valid_error_std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert s.loc[0.1, "valid_error_n"] == 3 and s.loc[0.1, "n_failed"] == 0
+    assert s.loc[0.5, "valid_error_n"] == 1 and s.loc[0.5, "n_trials"] == 2 and s.loc[0.5, "n_failed"] == 1
+    assert math.isnan(s.loc[0.5, "valid_error_std"]), "no spread from one value"
+    table = display_table(summarize(df, ["lambda_"]), ["lambda_"])
+    assert table.loc[0, "super-net valid error (%)"] == "30.00 ± 26.46"
+    assert table.loc[1, "n (done / trials)"] == "1 / 2" and table.loc[1, "failed"] == "1"
+
+
+def test_grouping_by_two_keys_and_missing_values():
+    df = frame([
+        {"setting:mode": "dst", "setting:lambda_": 0.1, "seed": 0, "valid_error": 0.1},
+        {"setting:mode": "dst", "setting:lambda_": 0.1, "seed": 1, "valid_error": 0.3},
+        {"setting:mode": "dst", "setting:lambda_": 0.5, "seed": 0, "valid_error": 0.5},
+        {"setting:mode": "darts", "seed": 0, "valid_error": 0.7},
+    ])
+    s = summarize(df, ["mode", "lambda_"])
+    assert len(s) == 3
+    darts = s[s["mode"] == "darts"].iloc[0]
+    assert darts["lambda_"] == "-" and darts["valid_error_mean"] == pytest.approx(0.7)
+    dst = s[(s["mode"] == "dst") & (s["lambda_"] == 0.1)].iloc[0]
+    assert dst["valid_error_mean"] == pytest.approx(0.2) and dst["n_trials"] == 2
+    with pytest.raises(KeyError, match="swept settings are lambda_, mode"):
+        summarize(df, ["colour"])
+
+
+def test_markdown_and_booktabs_latex():
+    df = frame([{"setting:mode": "dst", "seed": 0, "valid_error": 0.25}])
+    table = display_table(summarize(df, ["mode"]), ["mode"])
+    md = to_markdown(table)
+    assert md.splitlines()[0].startswith("| mode | super-net valid error (%)") and "| dst | 25.00 |" in md
+    tex = to_latex(table)
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "(\\%)" in tex
+
+
+def test_figures_carry_their_axis_labels():
+    df = frame([{"setting:lambda_": lam, "seed": s, "valid_error": 0.1 + lam, "kept_total": 20 - 10 * lam,
+                 "op:sep_conv_3x3": 3, "op:skip_connect": 1}
+                for lam in (0.0, 0.1, 0.5) for s in (0, 1)])
+    fig = plots.metric_vs_setting(df, "lambda_", "valid_error", "super-net validation error (%)", 100)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "lambda_" and ax.get_ylabel() == "super-net validation error (%)"
+    assert "mean ± sd" in ax.get_title()
+    fig = plots.error_and_cost(df, "lambda_")
+    assert [a.get_ylabel() for a in fig.axes[:2]] == ["super-net validation error (%)", "search time (min)"]
+    fig = plots.op_heatmap(df, "lambda_")
+    assert fig.axes[0].get_xlabel() == "operation" and fig.axes[0].get_ylabel() == "lambda_"
+    epochs = pd.DataFrame([{"experiment": "e", "setting:lambda_": 0.1, "seed": 0, "epoch": e, "tau": 1 - e / 10,
+                            "valid_error": 0.5, "threshold_normal": 0.5 + e / 100} for e in range(3)])
+    fig = plots.trajectories(epochs, "lambda_")
+    assert [a.get_ylabel() for a in fig.axes[:2]] == ["temperature tau", "mean threshold, normal cell"]
+    assert plots.learning_curves(epochs, "lambda_").axes[0].get_xlabel() == "search epoch"
+
+
+def test_cell_diagram_draws_a_node_with_three_inputs():
+    genotype = {"normal": [[["sep_conv_3x3", 0]], [["skip_connect", 0], ["max_pool_3x3", 1], ["dil_conv_3x3", 2]]],
+                "normal_concat": [2, 3], "reduce": [[["max_pool_3x3", 0], ["max_pool_3x3", 0]]], "reduce_concat": [2]}
+    fig = plots.cell_diagrams([("test", genotype)])
+    normal = fig.axes[0]
+    from matplotlib.text import Annotation
+
+    op_labels = [t.get_text() for t in normal.texts if not isinstance(t, Annotation)]
+    assert sorted(op_labels) == ["dil_conv_3x3", "max_pool_3x3", "sep_conv_3x3", "skip_connect"]
+    arrows = [t for t in normal.texts if isinstance(t, Annotation) and t.get_text() == ""]
+    assert len(arrows) == 4 + 2, "four op edges and two concat edges"
+    nodes = [t.get_text() for t in normal.texts if isinstance(t, Annotation) and t.get_text()]
+    assert nodes == ["$c_{k-2}$", "$c_{k-1}$", "0", "1", "$c_k$"]
+    assert normal.get_title() == "test: normal cell"
+
+
+def test_genotype_summary_counts_ops_and_connections():
+    s = genotype_summary(ZOO["DARTS_V2"].to_dict())
+    assert s["kept_normal"] == [2, 2, 2, 2] and s["kept_total"] == 16
+    assert s["op:sep_conv_3x3"] == 5 and s["op:max_pool_3x3"] == 5 and s["op:skip_connect"] == 5
+
+
+def test_not_an_experiment_exits_2(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    assert main(["report", str(tmp_path / "junk")]) == 2
+    assert "not an experiment directory" in capsys.readouterr().err
+    with pytest.raises(NotAnExperiment):
+        load([tmp_path / "missing"])
+
+
+def png_ok(path):
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and width > 100 and height > 100
+
+
+@pytest.mark.slow
+def test_report_from_a_real_sweep_with_failed_and_diverged_trials(tmp_path):
+    import ray
+
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.sweep import run_sweep
+    from orchestrator.trial import search_trial
+
+    def trial(config):
+        if config["point"].get("seed") == 9:
+            raise RuntimeError("seed 9 is cursed")
+        search_trial(config)
+
+    import ray.cloudpickle
+    import sys
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    spec = spec_from_dict({
+        "name": "r", "base": {"dataset": "digits", "layers": 3, "init_channels": 4, "subset_fraction": 0.1,
+                              "epochs": 2, "arch_warmup_epochs": 0},
+        "sweep": [{"mode": ["entrannas", "dst"], "seed": [0, 1]}, {"mode": "dst", "seed": 9},
+                  {"mode": "dst", "seed": 2, "lr": 1e30}],
+        "resources": {"cpu": 1}, "max_concurrent": 2, "max_failures": 0})
+    try:
+        run_sweep(spec, tmp_path, out=lambda line: None, trial_fn=trial)
+    finally:
+        ray.shutdown()
+    experiment = tmp_path / "r"
+    index = write_report([experiment])
+    out = experiment / "report"
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6
+    by_seed_lr = {(r.seed, str(r.lr)): r.status for r in trials.itertuples()}
+    assert by_seed_lr[(9, "nan")] == "failed" and by_seed_lr[(2, "1e+30")] == "diverged"
+    assert sorted(trials["status"]) == ["diverged", "done", "done", "done", "done", "failed"]
+    assert "seed 9 is cursed" in trials.loc[trials["status"] == "failed", "error"].iloc[0]
+    assert trials["params_m"].dropna().gt(0).all() and trials["multiply_adds_m"].dropna().gt(0).all()
+    assert json.loads(trials.loc[trials["status"] == "done", "genotype"].iloc[0])["normal"]
+    mode_table = pd.read_csv(out / "tables" / "mode.csv")
+    assert mode_table.set_index("mode").loc["dst", "n_trials"] == 4
+    assert mode_table.set_index("mode").loc["dst", "n_failed"] == 2
+    for ext in ("md", "tex"):
+        assert (out / "tables" / f"mode.{ext}").read_text().strip()
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.name for p in pngs} >= {"mode_error_cost.png", "mode_curves.png", "mode_cells.png", "mode_ops.png"}
+    assert all(png_ok(p) for p in pngs)
+    assert not any(p.name.startswith("lambda") for p in pngs), "lambda_ was not swept"
+    text = index.read_text()
+    assert "## By mode" in text and "plots/mode_cells.png" in text and "seed 9 is cursed" in text
+
+    # two experiments side by side, and single search directories
+    search_dir = tmp_path / "single"
+    assert main(["search", "--set", "mode=dst", "--set", "epochs=1", "--set", "layers=3", "--set",
+                 "init_channels=4", "--set", "subset_fraction=0.1", "--out", str(search_dir)]) == 0
+    assert main(["report", str(experiment), str(search_dir), "--out", str(tmp_path / "both")]) == 0
+    both = pd.read_csv(tmp_path / "both" / "trials.csv")
+    assert set(both["experiment"]) == {"r", "single"} and len(both) == 7
+    assert (tmp_path / "both" / "tables" / "experiment_mode.csv").is_file()
+    assert main(["report", str(experiment), "--group-by", "mode", "seed", "--out", str(tmp_path / "g")]) == 0
+    assert len(pd.read_csv(tmp_path / "g" / "tables" / "mode_seed.csv")) == 6   # entrannas 0, 1; dst 0, 1, 2, 9
