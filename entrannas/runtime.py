@@ -64,3 +64,41 @@ def save_atomic(obj, path: os.PathLike) -> None:
 
 def load_checkpoint(path: os.PathLike, device: torch.device) -> dict:
     return torch.load(path, map_location=device, weights_only=False)
+
+
+class EpochJob:
+    """What a search and an evaluation share: an epoch generator and atomic checkpoints.
+
+    Subclasses set ``config`` (with ``epochs``), ``device``, ``epoch`` and implement ``run_epoch``,
+    ``state_dict`` and ``load_state_dict``."""
+
+    CHECKPOINT_VERSION = 1
+
+    def run(self, on_step=None):
+        """Yield one record per remaining epoch; ``on_step(step, steps)`` is called after each step."""
+        while self.epoch < self.config.epochs:
+            yield self.run_epoch(on_step)
+
+    def save(self, path: os.PathLike) -> None:
+        save_atomic(self.state_dict(), path)
+
+    def load(self, path: os.PathLike) -> None:
+        self.load_state_dict(load_checkpoint(path, self.device))
+
+    def _check_version(self, state: dict) -> None:
+        if state.get("version") != self.CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {self.CHECKPOINT_VERSION}")
+
+
+@torch.no_grad()
+def loss_and_accuracy(forward, loader, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``forward(x) -> logits`` over a loader, one sync at the end."""
+    sums, n = torch.zeros(2, device=device), 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = forward(x)
+        sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+                             (logits.argmax(1) == y).sum().float()])
+        n += len(y)
+    loss, correct = sums.tolist()
+    return loss / n, correct / n

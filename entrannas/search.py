@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .bilevel import BilevelOptimizer
 from .config import SearchConfig
 from .data import build_search_data
 from .derive import thresholds
-from .runtime import (load_checkpoint, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
-                      save_atomic, seed_everything, set_rng_state)
+from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
+                      rng_state, seed_everything, set_rng_state)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
-
-CHECKPOINT_VERSION = 1
-
 
 class SearchDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class Search:
+class Search(EpochJob):
     """One architecture search. ``run()`` yields a record per epoch (SPEC 6)."""
 
     def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
@@ -46,10 +41,6 @@ class Search:
     def tau(self) -> float:
         c = self.config
         return temperature(c.tau_schedule, self.epoch, c.epochs, c.tau_start, c.tau_end)
-
-    def run(self, on_step: Optional[Callable[[int, int], None]] = None) -> Iterator[dict]:
-        while self.epoch < self.config.epochs:
-            yield self.run_epoch(on_step)
 
     def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
         """Train one epoch, then evaluate the super-net on the architecture split."""
@@ -88,21 +79,14 @@ class Search:
         self.epoch += 1
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Super-net loss and accuracy on the architecture split (eval-mode BN)."""
+        """Super-net loss and accuracy on the architecture split."""
         self.model.eval()
-        sums = torch.zeros(2, device=self.device)
-        n = 0
         self.data.valid.set_epoch(self.epoch)
-        for x, y in self.data.valid:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits = self.model(x, arch_grad=False)
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
-            n += len(y)
-        self.model.train()
-        loss, correct = sums.tolist()
-        return loss / n, correct / n
+        try:
+            return loss_and_accuracy(lambda x: self.model(x, arch_grad=False), self.data.valid, self.device)
+        finally:
+            self.model.train()
 
     def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
         m = self.model
@@ -130,22 +114,14 @@ class Search:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch,
+        return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self._check_version(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
         self.model.tau = self.tau
         set_rng_state(state["rng"], self.device)
-
-    def save(self, path: os.PathLike) -> None:
-        """Write the checkpoint atomically (a crash mid-write keeps the previous one)."""
-        save_atomic(self.state_dict(), path)
-
-    def load(self, path: os.PathLike) -> None:
-        self.load_state_dict(load_checkpoint(path, self.device))

@@ -13,11 +13,8 @@ from .config import EvalConfig
 from .data import build_eval_data
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
-from .runtime import (load_checkpoint, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
-                      save_atomic, seed_everything, set_rng_state)
-
-CHECKPOINT_VERSION = 1
-
+from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
+                      rng_state, seed_everything, set_rng_state)
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -29,7 +26,7 @@ def build_network(genotype: Genotype, config: EvalConfig, num_classes: int, in_c
                auxiliary=config.auxiliary, drop_path_prob=0.0, in_channels=in_channels)
 
 
-class Evaluation:
+class Evaluation(EpochJob):
     """Train ``genotype`` from scratch. ``run()`` yields one record per epoch."""
 
     def __init__(self, genotype: Genotype, config: EvalConfig, device: Optional[torch.device] = None):
@@ -54,10 +51,6 @@ class Evaluation:
         """Parameters (millions, auxiliary head excluded) and multiply-adds (millions) at the input size."""
         return {"params_m": count_parameters(self.model) / 1e6,
                 "multiply_adds_m": count_multiply_adds(self.model, self.input_shape) / 1e6}
-
-    def run(self, on_step: Optional[Callable[[int, int], None]] = None) -> Iterator[dict]:
-        while self.epoch < self.config.epochs:
-            yield self.run_epoch(on_step)
 
     def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
         c, model = self.config, self.model
@@ -97,28 +90,21 @@ class Evaluation:
         self.epoch += 1
         return record
 
-    @torch.no_grad()
     def test(self) -> tuple[float, float]:
         self.model.eval()
-        sums, n = torch.zeros(2, device=self.device), 0
-        for x, y in self.data.test:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits, _ = self.model(x)
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum().float()])
-            n += len(y)
-        self.model.train()
-        loss, correct = sums.tolist()
-        return loss / n, correct / n
+        try:
+            return loss_and_accuracy(lambda x: self.model(x)[0], self.data.test, self.device)
+        finally:
+            self.model.train()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": CHECKPOINT_VERSION, "config": self.config.to_dict(), "genotype": self.genotype.to_dict(),
+        return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(), "genotype": self.genotype.to_dict(),
                 "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self._check_version(state)
         if Genotype.from_dict(state["genotype"]) != self.genotype:
             raise ValueError("the checkpoint trains a different genotype")
         self.model.load_state_dict(state["model"])
@@ -126,12 +112,6 @@ class Evaluation:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
         set_rng_state(state["rng"], self.device)
-
-    def save(self, path) -> None:
-        save_atomic(self.state_dict(), path)
-
-    def load(self, path) -> None:
-        self.load_state_dict(load_checkpoint(path, self.device))
 
 
 def evaluate(genotype: Genotype, config: Optional[EvalConfig] = None, **overrides) -> Iterator[dict]:

@@ -1,1 +1,2 @@
-"""Ray Tune sweeps over ``entrannas`` searches (not yet built: see the open orchestrator issue)."""
+"""Ray Tune sweeps over ``entrannas`` searches: ``spec`` (YAML sweep specs, validated before Ray
+starts), ``trial`` (the trainable), ``sweep`` (run and resume on a local Ray or a cluster)."""

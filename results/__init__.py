@@ -1,1 +1,2 @@
-"""Ablation tables and plots from finished runs (not yet built: see the open results issue)."""
+"""Ablation tables and plots from finished runs: ``collect`` (directories -> DataFrames),
+``tables``, ``plots`` (DataFrames -> Figures) and ``report`` (all of it written to disk)."""

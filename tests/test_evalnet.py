@@ -23,7 +23,7 @@ def op_params(name: str, C: int, stride: int) -> int:
 
 def expected_cifar_params(g: Genotype, C: int, layers: int, classes: int) -> int:
     total = 3 * 3 * 3 * (3 * C) + 2 * 3 * C              # stem conv + BN
-    C_pp, C_p, reduction_prev, C_curr = 3 * C, 3 * C, False, C
+    C_pp, C_p, C_curr = 3 * C, 3 * C, C
     for index in range(layers):
         reduction = index in (layers // 3, 2 * layers // 3)
         C_curr *= 2 if reduction else 1
@@ -31,7 +31,7 @@ def expected_cifar_params(g: Genotype, C: int, layers: int, classes: int) -> int
         total += C_pp * C_curr + 2 * C_curr               # preprocess0 (ReLUConvBN or FactorizedReduce)
         total += C_p * C_curr + 2 * C_curr                # preprocess1
         total += sum(op_params(op, C_curr, 2 if reduction and i < 2 else 1) for node in nodes for op, i in node)
-        C_pp, C_p, reduction_prev = C_p, len(concat) * C_curr, reduction
+        C_pp, C_p = C_p, len(concat) * C_curr
     return total + C_p * classes + classes
 
 

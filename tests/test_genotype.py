@@ -36,7 +36,9 @@ def test_flexible_topology_round_trips_through_json():
 
 
 def test_genotype_is_immutable():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ZOO["DARTS_V2"].normal = ()
 
 

@@ -131,7 +131,8 @@ def test_trials_spread_over_a_three_node_cluster(tmp_path):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
         spec = tiny_spec(sweep={"seed": [0, 1, 2]}, max_concurrent=3, epochs=3)

@@ -7,7 +7,7 @@ import yaml
 
 import orchestrator.sweep
 from entrannas.cli import main
-from orchestrator.spec import SpecError, load_spec, spec_from_dict
+from orchestrator.spec import SpecError, spec_from_dict
 
 ABLATIONS = Path(__file__).resolve().parents[1] / "ablations"
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from entrannas.cli import main
 from entrannas.config import EvalConfig
