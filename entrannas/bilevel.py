@@ -23,6 +23,7 @@ class BilevelOptimizer:
 
     def __init__(self, model: SearchNetwork, config, epochs: Optional[int] = None):
         self.model, self.config = model, config
+        self.bf16 = config.precision == "bf16"
         self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
         self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=config.lr, momentum=config.momentum,
                                            weight_decay=config.weight_decay)
@@ -40,9 +41,14 @@ class BilevelOptimizer:
             return m.alpha_normal.new_zeros(())
         return self.lambda_ * derive.dst_regularizer(torch.cat([m.beta_normal, m.beta_reduce]))
 
+    def autocast(self, x: torch.Tensor):
+        """bf16 autocast for forward passes when ``precision: bf16`` (losses stay fp32)."""
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return F.cross_entropy(logits, y) + self.regularizer(), logits
+        with self.autocast(x):
+            logits = self.model(x)
+        return F.cross_entropy(logits.float(), y) + self.regularizer(), logits
 
     # -- steps ----------------------------------------------------------------------------------
     def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
@@ -58,8 +64,9 @@ class BilevelOptimizer:
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_batch
         self.w_optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x, arch_grad=False)
-        loss = F.cross_entropy(logits, y)
+        with self.autocast(x):
+            logits = self.model(x, arch_grad=False)
+        loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip)
@@ -88,7 +95,9 @@ class BilevelOptimizer:
         x_t, y_t = train_batch
 
         def loss_at(values: dict, x, y) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, ({**params, **values}, buffers), (x,)), y)
+            with self.autocast(x):
+                logits = functional_call(model, ({**params, **values}, buffers), (x,))
+            return F.cross_entropy(logits.float(), y)
 
         # Ops outside this iteration's derived set are unused: their gradient is zero.
         grads = torch.autograd.grad(loss_at({}, x_t, y_t), list(weights.values()), allow_unused=True)

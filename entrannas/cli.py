@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     resume.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1)")
 
+    sub.add_parser("bench", help="time search steps per configuration (see 'entrannas-tune bench -h')",
+                   add_help=False)
     report = sub.add_parser("report", help="ablation tables and plots from finished runs",
                             description="Tables (CSV, Markdown, LaTeX), plots and index.md from sweep "
                                         "experiments or search/evaluate directories.")
@@ -229,6 +231,11 @@ COMMANDS = {"search": cmd_search, "evaluate": cmd_evaluate, "sweep": cmd_sweep, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:   # the benchmark parses its own options
+        from .bench import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
 

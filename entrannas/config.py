@@ -22,6 +22,7 @@ from .temperature import SCHEDULES
 MODES = ("darts", "entrannas", "dst")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,8 @@ class SearchConfig(FlatConfig):
     subset_fraction: Optional[float] = None  # share of each class used at all (ImageNet: PC-DARTS)
     num_workers: int = 2                # image-folder datasets only
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
+    channels_last: bool = False         # NHWC memory format for the model and its inputs
 
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":
@@ -166,6 +169,8 @@ class SearchConfig(FlatConfig):
             raise ConfigError("train_portion", self.train_portion, "must be in (0, 1)")
         if self.tau_schedule not in SCHEDULES:
             raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
         self._check_primitives()
         self._check_placement()
         self._check_bottleneck()

@@ -83,8 +83,13 @@ class Search(EpochJob):
         """Super-net loss and accuracy on the architecture split."""
         self.model.eval()
         self.data.valid.set_epoch(self.epoch)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with self.optimizer.autocast(x):
+                return self.model(x, arch_grad=False).float()
+
         try:
-            return loss_and_accuracy(lambda x: self.model(x, arch_grad=False), self.data.valid, self.device)
+            return loss_and_accuracy(forward, self.data.valid, self.device)
         finally:
             self.model.train()
 

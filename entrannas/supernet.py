@@ -37,6 +37,7 @@ class SupernetSpec:
     in_channels: int = 3
     stem: str = "cifar"      # cifar: one 3x3 conv; imagenet: three stride-2 convs (224 -> 28)
     beta_init: float = 0.0
+    channels_last: bool = False
 
     @classmethod
     def from_config(cls, config, num_classes: int, in_channels: int, stem: str) -> "SupernetSpec":
@@ -44,7 +45,8 @@ class SupernetSpec:
                    init_channels=config.init_channels, nodes=config.nodes,
                    engine_cells=frozenset(config.engine_cells()), feature_sharing=config.feature_sharing,
                    bottleneck_ratio=config.bottleneck_ratio, num_classes=num_classes,
-                   in_channels=in_channels, stem=stem, beta_init=config.beta_init)
+                   in_channels=in_channels, stem=stem, beta_init=config.beta_init,
+                   channels_last=config.channels_last)
 
 
 class DegenerateArchitecture(RuntimeError):
@@ -134,7 +136,7 @@ class SearchCell(nn.Module):
                     ops = self.ops[slot]
                     feats = torch.stack([ops[k](x) for k in plan.slot_ops[slot]])  # [n_ops, B, C, H, W]
                     features[slot] = feats
-                term = torch.tensordot(coef[lo:hi], feats, dims=1)                  # [B, C, H, W]
+                term = torch.tensordot(coef[lo:hi].to(feats.dtype), feats, dims=1)    # [B, C, H, W]
                 node = term if node is None else node + term
             states.append(node if self.expand is None else self.expand[j](node))
         return torch.cat(states[N_INPUTS:], dim=1)
@@ -202,6 +204,8 @@ class SearchNetwork(nn.Module):
         self._plans: dict[tuple, CellPlan] = {}
         self.last_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         use_batch_statistics(self)
+        if spec.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     # -- parameters -----------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -257,6 +261,8 @@ class SearchNetwork(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, arch_grad: bool = True) -> torch.Tensor:
         """Logits. ``arch_grad=False`` (the weight step) keeps alpha and beta out of the graph."""
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         weights = self.arch_weights(detach=not arch_grad)
         masks = self.derived_masks(weights)
         self.last_masks = masks

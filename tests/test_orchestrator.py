@@ -114,8 +114,12 @@ def test_failing_trials_are_retried_then_reported(tmp_path, local_ray):
     assert "seed 2 always fails" in str(by_seed[2].error)
     records = {rows[0]["config"]["trial"]["point"]["seed"]: rows
                for rows in trial_records(tmp_path / "runs" / "t").values() if rows}
-    # the retried trial continued from its checkpoint: epoch 0 was not run twice
-    assert [r["epoch"] for r in records[1]] == [0, 1, 2]
+    # The retried trial continued from its epoch-0 checkpoint: its first result after the restart is
+    # epoch 1, the first since the restore. (Tune may drop the row of a result reported just before
+    # the crash, so epoch 0's row is not required; a repeated epoch would be a restart from scratch.)
+    epochs = [r["epoch"] for r in records[1]]
+    assert epochs in ([0, 1, 2], [1, 2]), epochs
+    assert next(r for r in records[1] if r["epoch"] == 1)["iterations_since_restore"] == 1
     assert (tmp_path / "failed-once").exists()
 
 
@@ -226,7 +230,9 @@ def test_killed_driver_then_resume(tmp_path):
     assert after[finished_id] == before[finished_id], "a finished trial is never rerun"
     for trial, rows in after.items():
         epochs = [r["epoch"] for r in rows]
-        assert epochs == list(range(6)), (trial, epochs)   # the interrupted trial repeats no epoch
+        # No epoch is repeated (the interrupted trial continued from its checkpoint). A result the
+        # killed driver had not yet written may be missing, its checkpoint being already saved.
+        assert epochs == sorted(set(epochs)) and epochs[-1] == 5 and len(epochs) >= 5, (trial, epochs)
         assert rows[-1]["done"]
     print(f"resume took {time.monotonic() - started:.1f} s")
 

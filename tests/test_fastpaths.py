@@ -1,0 +1,56 @@
+"""Every fast path computes what the plain fp32 eager path computes (to the precision's tolerance)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entrannas.bench import main as bench_main
+from entrannas.bilevel import BilevelOptimizer
+
+from conftest import tiny_config, tiny_net
+
+
+def outputs_and_grads(mode: str, **changes):
+    net = tiny_net(seed=0, mode=mode, **changes)
+    opt = BilevelOptimizer(net, tiny_config(mode=mode, **changes))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    loss, logits = opt.arch_loss(x, y)
+    loss.backward()
+    weights = [p.grad for p in net.weight_parameters() if p.grad is not None]
+    return logits.float(), [a.grad.clone() for a in net.arch_parameters()], weights
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_channels_last_matches_the_eager_path(mode):
+    logits, arch, weights = outputs_and_grads(mode)
+    logits_cl, arch_cl, weights_cl = outputs_and_grads(mode, channels_last=True)
+    torch.testing.assert_close(logits_cl, logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(arch_cl, arch):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    for a, b in zip(weights_cl, weights):
+        torch.testing.assert_close(a.contiguous(), b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_bf16_autocast_stays_close_to_fp32(mode):
+    logits, arch, _ = outputs_and_grads(mode)
+    logits_bf, arch_bf, _ = outputs_and_grads(mode, precision="bf16")
+    # bf16 keeps 8 bits of mantissa: compare directions. alpha's gradient is a small difference of
+    # nearly equal terms (the softmax derivative at near-uniform alpha), so it is the noisiest.
+    cos = lambda a, b: F.cosine_similarity(a.flatten().float(), b.flatten(), dim=0)  # noqa: E731
+    assert cos(logits_bf, logits) > 0.99
+    assert all(cos(a, b) > 0.85 for a, b in zip(arch_bf, arch))
+
+
+def test_bench_prints_json_and_a_table(capsys):
+    assert bench_main(["--configs", "darts", "entrannas", "--layers", "3", "--channels", "4", "--batch-size", "4",
+                       "--image-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu"]) == 0
+    import json
+
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [r["config"] for r in doc["results"]] == ["darts", "entrannas"]
+    assert all(r["seconds_per_step"] > 0 for r in doc["results"])
+    assert doc["results"][0]["speedup_vs_darts"] == 1.0
+    assert "s/step" in captured.err and "x darts" in captured.err
