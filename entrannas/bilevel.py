@@ -17,6 +17,11 @@ from . import derive
 from .supernet import ARCH_PARAMETER_NAMES, SearchNetwork
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Up-cast half-precision logits for the loss; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class BilevelOptimizer:
     #: Finite-difference radius of the unrolled step's Hessian term, over the norm of the vector (DARTS).
     fd_radius = 0.01
@@ -48,7 +53,7 @@ class BilevelOptimizer:
     def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(x):
             logits = self.model(x)
-        return F.cross_entropy(logits.float(), y) + self.regularizer(), logits
+        return F.cross_entropy(full_precision(logits), y) + self.regularizer(), logits
 
     # -- steps ----------------------------------------------------------------------------------
     def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
@@ -66,7 +71,7 @@ class BilevelOptimizer:
         self.w_optimizer.zero_grad(set_to_none=True)
         with self.autocast(x):
             logits = self.model(x, arch_grad=False)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(full_precision(logits), y)
         loss.backward()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip)
@@ -97,7 +102,7 @@ class BilevelOptimizer:
         def loss_at(values: dict, x, y) -> torch.Tensor:
             with self.autocast(x):
                 logits = functional_call(model, ({**params, **values}, buffers), (x,))
-            return F.cross_entropy(logits.float(), y)
+            return F.cross_entropy(full_precision(logits), y)
 
         # Ops outside this iteration's derived set are unused: their gradient is zero.
         grads = torch.autograd.grad(loss_at({}, x_t, y_t), list(weights.values()), allow_unused=True)

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .bilevel import BilevelOptimizer
+from .bilevel import BilevelOptimizer, full_precision
 from .config import SearchConfig
 from .data import build_search_data
 from .derive import thresholds
@@ -86,7 +86,7 @@ class Search(EpochJob):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with self.optimizer.autocast(x):
-                return self.model(x, arch_grad=False).float()
+                return full_precision(self.model(x, arch_grad=False))
 
         try:
             return loss_and_accuracy(forward, self.data.valid, self.device)
