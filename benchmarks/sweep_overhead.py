@@ -10,6 +10,7 @@ Prints JSON and a short table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     from orchestrator.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    spec = spec.__class__(**{**spec.__dict__, "max_concurrent": 1})
+    spec = dataclasses.replace(spec, max_concurrent=1)
     plain = back_to_back(spec)
     tuned = with_ray(spec)
     doc = {"spec": args.spec, "overrides": args.overrides, "trials": len(spec.points()),

@@ -204,7 +204,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec, args.overrides)
         if args.name:
-            spec = spec.__class__(**{**spec.__dict__, "name": args.name})
+            spec = spec.renamed(args.name)
         results = run_sweep(spec, args.storage, args.address, args.dashboard)
     except (SpecError, ExperimentError) as e:
         return _error(str(e))

@@ -18,6 +18,7 @@ once each, DST at several lambdas).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -84,6 +85,10 @@ class SweepSpec:
             res[key] = max(res.get(key, 0), value)
         return res
 
+    def renamed(self, name: str) -> "SweepSpec":
+        _check_name("--name", name)
+        return dataclasses.replace(self, name=name)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "sweep": self.sweep, "resources": self.resources,
                 "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
@@ -93,6 +98,11 @@ class SweepSpec:
 # -- loading and validation --------------------------------------------------------------------
 def _fail(key: str, value: Any, allowed: str) -> SpecError:
     return SpecError(f"{key} = {value!r}: {allowed}")
+
+
+def _check_name(key: str, name: Any) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise _fail(key, name, "needs a name of letters, digits, '_', '.', '-' (it names a directory)")
 
 
 def _resources(where: str, value: Any) -> dict:
@@ -124,8 +134,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
         if key not in TOP_KEYS:
             raise _fail(key, data[key], f"unknown spec key; allowed: {', '.join(TOP_KEYS)}")
     name = data.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        raise _fail("name", name, "needs a name of letters, digits, '_', '.', '-'")
+    _check_name("name", name)
     base = data.get("base") or {}
     if not isinstance(base, dict):
         raise _fail("base", base, "expected a mapping of search settings")

@@ -90,7 +90,8 @@ def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every
 
     class Progress(tune.Callback):
         def __init__(self):
-            self.start, self.last_print, self.best = time.monotonic(), 0.0, None
+            self.start, self.last_print = time.monotonic(), 0.0
+            self.best: dict[str, tuple[float, str]] = {}   # metric -> (lowest value, trial label)
             self.total = len(spec.points())
 
         def _line(self, trials, event: str = "", ending=None, ending_as: str = "") -> None:
@@ -100,19 +101,19 @@ def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every
             failed = sum(s == "ERROR" for s in states)
             running = sum(s == "RUNNING" for s in states)
             best = ""
-            if self.best:
-                best = f" | best {self.best[1]} {self.best[0]:.4f} ({self.best[2]})"
+            metric = next((m for m in ("eval_test_error", "valid_error") if m in self.best), None)
+            if metric:
+                value, label = self.best[metric]
+                best = f" | best {metric} {value:.4f} ({label})"
             out(f"[{time.monotonic() - self.start:6.0f}s] {done}/{self.total} done, {running} running, "
                 f"{failed} failed{best}{event}")
             self.last_print = time.monotonic()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            for key in ("eval_test_error", "valid_error"):
-                if result.get(key) is not None:
-                    if self.best is None or (key == self.best[1] and result[key] < self.best[0]) or \
-                            (key == "eval_test_error" and self.best[1] != key):
-                        self.best = (result[key], key, _trial_label(trial))
-                    break
+            for metric in ("eval_test_error", "valid_error"):
+                value = result.get(metric)
+                if value is not None and (metric not in self.best or value < self.best[metric][0]):
+                    self.best[metric] = (value, _trial_label(trial))
             if time.monotonic() - self.last_print > every:
                 self._line(trials)
 
@@ -187,8 +188,12 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     out(f"resuming sweep {spec.name} in {experiment}")
     tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(spec, trial_fn), resume_unfinished=True,
                                resume_errored=True, restart_errored=False)
-    # the callbacks of the first run are not saved with the experiment; pass them again
-    tuner._local_tuner._run_config.callbacks = [progress_callback(spec, out)]
+    # Tune restores the first run's RunConfig; give it a fresh progress line (clock, counts). Ray has
+    # no public setter for this, so an unknown Tuner layout just keeps the restored callback.
+    try:
+        tuner._local_tuner._run_config.callbacks = [progress_callback(spec, out)]
+    except AttributeError:
+        pass
     return tuner.fit()
 
 

@@ -110,3 +110,10 @@ def test_shipped_specs_are_valid_and_say_what_they_answer(path, tmp_path):
         data["base"]["data_dir"] = str(tmp_path)
     s = spec_from_dict(data)
     assert s.points()
+
+
+def test_sweep_name_override_is_checked(tmp_path, capsys, no_ray):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec()))
+    assert main(["sweep", str(path), "--name", "../escape", "--storage", str(tmp_path)]) == 2
+    assert "--name = '../escape'" in capsys.readouterr().err
