@@ -68,7 +68,8 @@ def measure(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     return {"config": mode, "placement": config.placement, "feature_sharing": config.feature_sharing,
             "bottleneck_ratio": config.bottleneck_ratio, "seconds_per_step": median,
             "seconds_per_warmup_step": warm, "min_seconds_per_step": times[0],
-            "peak_memory_mb": peak_memory_mb(device), "projected_50_epoch_minutes": projected / 60}
+            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
+            "projected_50_epoch_minutes": projected / 60}
 
 
 def main(argv=None) -> int:
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     print(f"\n{'config':<10} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12}", file=sys.stderr)
     for r in rows:
         speed = f"{r['speedup_vs_darts']:.2f}" if r["speedup_vs_darts"] else "-"
-        print(f"{r['config']:<10} {r['seconds_per_step']:>8.3f} {speed:>8} {r['peak_memory_mb']:>9.0f} "
+        peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        print(f"{r['config']:<10} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
               f"{r['projected_50_epoch_minutes']:>12.1f}", file=sys.stderr)
     return 0
 

@@ -20,6 +20,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PADDING = 4   # random-crop padding of the CIFAR recipes
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
@@ -52,22 +53,30 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, device = len(self.labels), self.images.device
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=gen).to(device) if self.shuffle else None
+        # All of the epoch's random draws at once: one host-to-device copy per epoch, none per batch.
+        order = torch.randperm(n, generator=gen).to(device) if self.shuffle else torch.arange(n, device=device)
+        H, W = self.images.shape[-2:]
+        if self.augment == "crop_flip":
+            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=gen).to(device)
+            flips = (torch.rand(n, generator=gen) < 0.5).to(device)
+        if self.cutout:
+            centers = torch.stack([torch.randint(0, H, (n,), generator=gen),
+                                   torch.randint(0, W, (n,), generator=gen)]).to(device)
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            batch = slice(start, start + self.batch_size)
+            idx = order[batch]
             x, y = self.images[idx], self.labels[idx]
             if self.augment == "crop_flip":
-                x = random_crop_flip(x, padding=4, gen=gen)
+                x = random_crop_flip(x, CROP_PADDING, offsets[:, batch], flips[batch])
             if self.cutout:
-                x = cutout(x, self.cutout, gen=gen)
+                x = cutout(x, self.cutout, centers[:, batch])
             yield x, y
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (zero padding) and horizontal flip, batched on x's device."""
+def random_crop_flip(x: torch.Tensor, padding: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Per-image crop of the zero-padded image at ``offsets`` ``[2, B]`` (row, column, each in
+    0..2*padding) and horizontal flip where ``flips`` ``[B]`` is true; batched on x's device."""
     B, C, H, W = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, B), generator=gen).to(x.device)
-    flips = (torch.rand(B, generator=gen) < 0.5).to(x.device)
     padded = torch.nn.functional.pad(x, (padding,) * 4)
     rows = (offsets[0, :, None] + torch.arange(H, device=x.device))                      # [B, H]
     cols = (offsets[1, :, None] + torch.arange(W, device=x.device))                      # [B, W]
@@ -77,11 +86,11 @@ def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator) -> tor
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def cutout(x: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero one random ``length`` x ``length`` square per image (DeVries & Taylor), batched."""
-    B, _, H, W = x.shape
-    cy = torch.randint(0, H, (B,), generator=gen).to(x.device)
-    cx = torch.randint(0, W, (B,), generator=gen).to(x.device)
+def cutout(x: torch.Tensor, length: int, centers: torch.Tensor) -> torch.Tensor:
+    """Zero a ``length`` x ``length`` square per image (DeVries & Taylor) around ``centers`` ``[2, B]``
+    (row, column), clipped at the borders; batched."""
+    _, _, H, W = x.shape
+    cy, cx = centers[0], centers[1]
     ys = torch.arange(H, device=x.device)[None, :]
     xs = torch.arange(W, device=x.device)[None, :]
     in_y = ((ys >= cy[:, None] - length // 2) & (ys < cy[:, None] + length - length // 2))    # [B, H]

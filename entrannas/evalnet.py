@@ -77,7 +77,7 @@ class _EvalNetwork(nn.Module):
 
     def _build_cells(self, genotype: Genotype, C: int, layers: int, num_classes: int, auxiliary: bool,
                      C_pp: int, C_p: int, reduction_prev: bool, aux_head) -> None:
-        self.genotype, self.drop_path_prob = genotype, 0.0
+        self.genotype = genotype
         self._layers, self._auxiliary = layers, auxiliary
         reductions = (layers // 3, 2 * layers // 3)
         self.cells = nn.ModuleList()

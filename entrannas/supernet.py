@@ -65,23 +65,23 @@ class CellPlan:
     def __init__(self, mask: torch.Tensor, n_nodes: int, sharing: bool, device: torch.device):
         layout = derive.edge_layout(n_nodes, N_INPUTS)
         slot_of_edge = [i if sharing else e for e, (i, _) in enumerate(layout)]
+        kept = [[k for k, on in enumerate(row) if on] for row in mask.tolist()]   # per edge
         used: dict[int, set[int]] = {}
-        for e, row in enumerate(mask.tolist()):
-            ks = [k for k, on in enumerate(row) if on]
+        for e, ks in enumerate(kept):
             if ks:
                 used.setdefault(slot_of_edge[e], set()).update(ks)
         self.slot_ops = {s: tuple(sorted(ks)) for s, ks in used.items()}
         self.terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_nodes)]
         rows, cols, const = [], [], []
         for e, (i, j) in enumerate(layout):
-            slot = slot_of_edge[e]
-            if not mask[e].any():
+            if not kept[e]:
                 continue
+            slot = slot_of_edge[e]
             ks = self.slot_ops[slot]
             self.terms[j].append((slot, i, len(rows), len(rows) + len(ks)))
             rows += [e] * len(ks)
             cols += ks
-            const += [float(mask[e, k]) for k in ks]
+            const += [1.0 if k in kept[e] else 0.0 for k in ks]
         for j, node_terms in enumerate(self.terms):
             if not node_terms:
                 raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
@@ -89,7 +89,6 @@ class CellPlan:
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)
         self.const_coef = torch.tensor(const, device=device)
-        self.n_features = sum(len(ks) for ks in self.slot_ops.values())
 
 
 class Conv1x1BN(nn.Sequential):

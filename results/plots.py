@@ -39,7 +39,8 @@ def error_column(trials: pd.DataFrame) -> str:
     return "valid_error"
 
 
-def _numeric(series: pd.Series) -> bool:
+def is_numeric(series: pd.Series) -> bool:
+    """Whether every present value of a setting is a number (missing ones aside)."""
     values = [v for v in series if v != MISSING]
     return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 

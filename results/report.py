@@ -91,7 +91,7 @@ def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:
     column = plots.setting_column(trials, key)
     values = trials[column] if column in trials.columns else pd.Series(dtype=object)
     safe = _safe(key)
-    if key == "lambda_" or (plots._numeric(values.dropna()) and values.nunique() > 2 and key != "seed"):
+    if key == "lambda_" or (plots.is_numeric(values.dropna()) and values.nunique() > 2 and key != "seed"):
         err = plots.error_column(trials)
         figs.append((f"{safe}_error", f"error vs {key}",
                      plots.metric_vs_setting(trials, key, err, plots.ERROR_LABELS[err], 100.0)))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from entrannas.data import (build_search_data, load_arrays, load_digits_arrays, random_crop_flip,
+from entrannas.data import (build_search_data, cutout, load_arrays, load_digits_arrays, random_crop_flip,
                             split_per_class)
 
 from conftest import tiny_config
@@ -58,7 +58,8 @@ def test_digits_are_real_and_split_1500_297():
 
 def test_crop_flip_takes_a_shifted_possibly_mirrored_window():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
-    out = random_crop_flip(x, padding=2, gen=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, 2, torch.randint(0, 5, (2, 2), generator=gen), torch.tensor([True, False]))
     padded = torch.nn.functional.pad(x, (2,) * 4)
     for b in range(2):
         windows = [padded[b, :, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
@@ -92,3 +93,10 @@ def test_imagenet_folder_search_data_and_224_forward(tmp_path):
     assert x.shape == (4, 3, 224, 224)
     net = SearchNetwork(SupernetSpec.from_config(config, 3, 3, "imagenet"))
     assert net(x).shape == (4, 3)
+
+
+def test_cutout_zeroes_a_square_clipped_at_the_border():
+    x = torch.ones(2, 1, 8, 8)
+    out = cutout(x, 4, torch.tensor([[4, 0], [4, 0]]))
+    assert out[0, 0, 2:6, 2:6].sum() == 0 and out[0].sum() == 64 - 16
+    assert out[1, 0, :2, :2].sum() == 0 and out[1].sum() == 64 - 4, "clipped at the corner"
