@@ -61,7 +61,8 @@ class BilevelOptimizer:
         if self.config.unrolled:
             loss = self._unrolled_backward(train_batch, valid_batch)
         else:
-            loss, _ = self.arch_loss(*valid_batch)
+            with self.model.frozen_weights():
+                loss, _ = self.arch_loss(*valid_batch)
             loss.backward()
         self.a_optimizer.step()
         return loss.detach()

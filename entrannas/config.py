@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .compiled import COMPILE_MODES, compile_backends
 from .ops import DARTS_PRIMITIVES, OPS
 from .temperature import SCHEDULES
 
@@ -135,6 +136,10 @@ class SearchConfig(FlatConfig):
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
     channels_last: bool = False         # NHWC memory format for the model and its inputs
+    compile: str = "off"                # off | default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code
+    compile_after: int = 10             # uses in a row before a derived structure is compiled
+    compile_cache: int = 16             # most derived structures compiled; later ones run eagerly
 
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":
@@ -157,7 +162,8 @@ class SearchConfig(FlatConfig):
     def validate(self) -> None:
         """Check a resolved config; raises ``ConfigError`` on the first bad field."""
         self._check_choices()
-        self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio"),
+        self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio",
+                                   "compile_after", "compile_cache"),
                     nonneg_ints=("seed", "arch_warmup_epochs", "num_workers"),
                     nonneg=("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
                     positive=("lr", "arch_lr", "tau_start", "tau_end"),
@@ -174,6 +180,7 @@ class SearchConfig(FlatConfig):
         self._check_primitives()
         self._check_placement()
         self._check_bottleneck()
+        self._check_compile()
 
     def _check_primitives(self) -> None:
         if not self.primitives:
@@ -197,6 +204,19 @@ class SearchConfig(FlatConfig):
             raise ConfigError("placement", _show(self.placement),
                               f"has no normal Engine-cell, so alpha_normal would get no gradient; "
                               f"normal cells are {sorted(set(range(self.layers)) - reductions)}")
+
+    def _check_compile(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError("compile", self.compile, f"allowed: {', '.join(COMPILE_MODES)}")
+        if self.compile == "off":
+            return
+        backends = compile_backends()
+        if self.compile_backend not in backends:
+            raise ConfigError("compile_backend", self.compile_backend, f"allowed: {', '.join(backends)}")
+        if self.compile_backend != "inductor" and self.compile != "default":
+            raise ConfigError("compile", self.compile,
+                              f"compile_backend {self.compile_backend!r} takes only compile: default "
+                              "(the other modes are inductor's)")
 
     def _check_bottleneck(self) -> None:
         for index, channels in enumerate(self.cell_channels()):

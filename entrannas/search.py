@@ -33,6 +33,8 @@ class Search(EpochJob):
         info = self.data.info
         spec = SupernetSpec.from_config(config, info.num_classes, info.in_channels, info.stem)
         self.model = SearchNetwork(spec).to(self.device)
+        self.model.compile_structures(config.compile, config.compile_backend, config.compile_after,
+                                      config.compile_cache)
         self.optimizer = BilevelOptimizer(self.model, config)
         self.epoch = 0
         self.model.tau = self.tau
@@ -115,6 +117,8 @@ class Search(EpochJob):
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
+            "derivations": m.derivations,
+            "compile": dict(m.compiled.stats) if m.compiled is not None else None,
         }
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -8,8 +8,9 @@ constant 0/1 of the derived set, so no gradient reaches alpha through it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from . import derive
 from .genotype import N_INPUTS, Genotype, genotype_from_masks
 from .ops import FactorizedReduce, ReLUConvBN, build_op
+
+if TYPE_CHECKING:
+    from .compiled import CompiledStructures
 
 ARCH_PARAMETER_NAMES = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
 
@@ -89,6 +93,15 @@ class CellPlan:
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)
         self.const_coef = torch.tensor(const, device=device)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One derived architecture of the whole net: the masks, each cell's plan, and a hashable key."""
+
+    masks: tuple[torch.Tensor, torch.Tensor]
+    plans: tuple[CellPlan, ...]
+    key: bytes
 
 
 class Conv1x1BN(nn.Sequential):
@@ -201,7 +214,10 @@ class SearchNetwork(nn.Module):
         else:
             self.beta_normal = self.beta_reduce = None
         self._plans: dict[tuple, CellPlan] = {}
+        self._structure: Optional[tuple[tuple, Structure]] = None
+        self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.compiled: Optional["CompiledStructures"] = None
         use_batch_statistics(self)
         if spec.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -212,6 +228,21 @@ class SearchNetwork(nn.Module):
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n not in ARCH_PARAMETER_NAMES]
+
+    @contextmanager
+    def frozen_weights(self):
+        """Build the graph without the weights: a backward then computes no weight gradient.
+
+        The first-order arch step uses it: its weight gradients would be thrown away (the weight
+        step zeroes them first), and computing them is a large share of a backward pass."""
+        params = [p for p in self.weight_parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     # -- architecture ---------------------------------------------------------------------------
     def arch_weights(self, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,6 +279,30 @@ class SearchNetwork(nn.Module):
             plan = self._plans[key] = CellPlan(mask, self.spec.nodes, self.spec.feature_sharing, device)
         return plan
 
+    def _arch_key(self, device: torch.device) -> tuple:
+        """Changes whenever alpha, beta or tau may have: an in-place update bumps a tensor's version."""
+        params = (self.alpha_normal, self.alpha_reduce, self.beta_normal, self.beta_reduce)
+        return (self.tau, device) + tuple((p.data_ptr(), p._version) for p in params if p is not None)
+
+    def structure(self, weights: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Structure:
+        """The derived structure for the current alpha, beta and tau.
+
+        Deriving reads the masks on the host (one device sync), so it runs only when alpha, beta or
+        tau changed since the last call: once per search step (after the arch update; the next arch
+        step's forward reuses it) and never during the warm-up epochs or evaluation."""
+        key = self._arch_key(device)
+        if self._structure is not None and self._structure[0] == key:
+            return self._structure[1]
+        masks = self.derived_masks(weights)
+        self.derivations += 1
+        plans = []
+        for cell in self.cells:
+            mask = masks[1] if cell.reduction else masks[0]
+            plans.append(self._plan(self._engine_mask(mask) if cell.engine else mask, device))
+        structure = Structure(masks, tuple(plans), masks[0].numpy().tobytes() + masks[1].numpy().tobytes())
+        self._structure = (key, structure)
+        return structure
+
     def _engine_mask(self, derived: torch.Tensor) -> torch.Tensor:
         if self.spec.mode == "dst":
             # Ops with q_hat = 0 add exactly 0 to the output and to every gradient (SPEC 4).
@@ -263,17 +318,33 @@ class SearchNetwork(nn.Module):
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         weights = self.arch_weights(detach=not arch_grad)
-        masks = self.derived_masks(weights)
-        self.last_masks = masks
+        structure = self.structure(weights, x.device)
+        self.last_masks = structure.masks
+        if self.compiled is not None:
+            return self.compiled(structure, x, *weights)
+        return self.run_structure(structure.plans, x, *weights)
+
+    def run_structure(self, plans: tuple[CellPlan, ...], x: torch.Tensor, w_normal: torch.Tensor,
+                      w_reduce: torch.Tensor) -> torch.Tensor:
+        """The network for one derived structure: what ``compile_structures`` compiles."""
         s0 = self.stem0(x)
         s1 = s0 if self.stem1 is None else self.stem1(s0)
-        for cell in self.cells:
-            w, mask = (weights[1], masks[1]) if cell.reduction else (weights[0], masks[0])
-            if cell.engine:
-                plan = self._plan(self._engine_mask(mask), x.device)
-                coef = w[plan.rows, plan.cols]
-            else:
-                plan = self._plan(mask, x.device)
-                coef = plan.const_coef.to(w.dtype)
+        for cell, plan in zip(self.cells, plans):
+            w = w_reduce if cell.reduction else w_normal
+            coef = w[plan.rows, plan.cols] if cell.engine else plan.const_coef.to(w.dtype)
             s0, s1 = s1, cell(s0, s1, plan, coef)
         return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def compile_structures(self, mode: str = "default", backend: str = "inductor", after: int = 10,
+                           capacity: int = 16) -> None:
+        """Run each derived structure through ``torch.compile`` once it has been used ``after``
+        times in a row (see ``entrannas.compiled``); ``mode="off"`` goes back to eager."""
+        from .compiled import CompiledStructures
+
+        self.compiled = None if mode == "off" else CompiledStructures(self.run_structure, mode, backend,
+                                                                      after, capacity)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the parameters makes the cached structure's key meaningless.
+        self._structure = None
+        return super()._apply(fn, *args, **kwargs)

@@ -73,3 +73,20 @@ def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
         torch.testing.assert_close(e, x, rtol=1e-3, atol=1e-4 * x.abs().max().item())
     assert any((x - f).abs().max() > 1e-4 for x, f in zip(exact, first_order)), \
         "the second-order term is not negligible here, so the check means something"
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_arch_step_gives_the_full_backward_gradient_without_weight_gradients(mode):
+    net = tiny_net(mode=mode)
+    opt = BilevelOptimizer(net, tiny_config(mode=mode))
+    loss, _ = opt.arch_loss(*batch(1))
+    loss.backward()                      # the plain backward: arch and weight gradients
+    expected = [a.grad.clone() for a in net.arch_parameters()]
+    assert any(p.grad is not None for p in net.weight_parameters())
+    net.zero_grad(set_to_none=True)
+    opt.a_optimizer.step = lambda: None  # keep the gradients to compare them
+    opt.arch_step(batch(0), batch(1))
+    for a, g in zip(net.arch_parameters(), expected):
+        torch.testing.assert_close(a.grad, g, rtol=0, atol=0)
+    assert all(p.grad is None for p in net.weight_parameters())
+    assert all(p.requires_grad for p in net.weight_parameters())   # restored after the step

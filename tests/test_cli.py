@@ -38,6 +38,11 @@ BAD = [
     (["--set", "dataset=imagenet"], "data_dir = None: dataset imagenet needs a data directory"),
     (["--config", "/nonexistent.yaml"], "--config = '/nonexistent.yaml': is not a readable file"),
     (["--set", "novalue"], "--set = 'novalue': expected key=value"),
+    (["--set", "compile=fast"], "compile = 'fast': allowed: off, default, reduce-overhead"),
+    (["--set", "compile=default", "--set", "compile_backend=tensorrt9"], "compile_backend = 'tensorrt9': allowed:"),
+    (["--set", "compile=reduce-overhead", "--set", "compile_backend=aot_eager"],
+     "compile = 'reduce-overhead': compile_backend 'aot_eager' takes only compile: default"),
+    (["--set", "compile_after=0"], "compile_after = 0: must be an integer >= 1"),
 ]
 
 

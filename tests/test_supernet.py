@@ -202,3 +202,36 @@ def test_imagenet_stem_takes_224_to_28():
     net.cells[0].register_forward_pre_hook(lambda m, a: sizes.append((a[0].shape[-1], a[1].shape[-1])))
     assert net(torch.randn(2, 3, 224, 224)).shape == (2, 5)
     assert sizes == [(56, 28)]
+
+
+def test_structure_is_derived_only_when_alpha_beta_or_tau_change():
+    net = tiny_net(mode="dst")
+    x = torch.randn(4, 1, 8, 8)
+    net(x)
+    net(x, arch_grad=False)
+    with torch.no_grad():
+        net(x)
+    assert net.derivations == 1
+    with torch.no_grad():
+        net.alpha_normal[0, 0] += 5.0    # any in-place change of an arch tensor
+    net(x)
+    assert net.derivations == 2
+    net.tau = 0.5
+    net(x)
+    assert net.derivations == 3
+    net.load_state_dict(net.state_dict())
+    net(x)
+    assert net.derivations == 4
+
+
+def test_cached_structure_follows_the_current_alpha():
+    net = tiny_net(mode="entrannas")
+    x = torch.randn(4, 1, 8, 8)
+    net(x)
+    with torch.no_grad():                # make edge 0's op 'sep_conv_3x3' win by far
+        net.alpha_normal[0] = -10.0
+        net.alpha_normal[0, net.primitives.index("sep_conv_3x3")] = 10.0
+    net(x)
+    fresh = net.derived_masks(net.arch_weights(detach=True))
+    assert torch.equal(net.last_masks[0], fresh[0]) and net.last_masks[0][0].nonzero().tolist() == [
+        [net.primitives.index("sep_conv_3x3")]]

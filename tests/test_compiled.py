@@ -1,0 +1,90 @@
+"""The compiled super-net computes what the eager one computes, per derived structure.
+
+On the CPU the graphs go through dynamo and AOTAutograd with the ``aot_eager`` backend (inductor's
+C++ code generation takes minutes here); ``ENTRANNAS_TEST_DEVICE=cuda`` runs the same tests with
+inductor and CUDA graphs (``benchmarks/gpu_session.sh`` does).
+"""
+
+import os
+
+import pytest
+import torch
+
+from entrannas.bilevel import BilevelOptimizer
+from entrannas.compiled import CompiledStructures
+from entrannas.supernet import Structure
+
+from conftest import tiny_config, tiny_net
+
+DEVICE = torch.device(os.environ.get("ENTRANNAS_TEST_DEVICE", "cpu"))
+ON_CUDA = DEVICE.type == "cuda"
+COMPILE = dict(mode="reduce-overhead", backend="inductor") if ON_CUDA else dict(mode="default", backend="aot_eager")
+# Inductor reorders float arithmetic and may pick other conv algorithms; aot_eager runs the same kernels.
+TOL = dict(rtol=2e-3, atol=2e-4) if ON_CUDA else dict(rtol=1e-5, atol=1e-6)
+
+
+def batch(seed, n=8):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=gen).to(DEVICE), torch.randint(0, 10, (n,), generator=gen).to(DEVICE)
+
+
+def pair(mode, after=1, **changes):
+    """Two identical nets, the second compiled."""
+    eager, fast = (tiny_net(seed=0, mode=mode, **changes).to(DEVICE) for _ in range(2))
+    fast.compile_structures(**COMPILE, after=after)
+    return eager, fast
+
+
+def grads(net):
+    return [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_compiled_pass_matches_eager_outputs_and_gradients(mode):
+    eager, fast = pair(mode)
+    x, _ = batch(0)
+    for arch_grad in (True, False):          # the arch step's pass and the weight step's
+        out = [net(x, arch_grad=arch_grad) for net in (eager, fast)]
+        torch.testing.assert_close(out[1], out[0], **TOL)
+        for o in out:
+            (o * torch.arange(10, device=DEVICE)).sum().backward()
+        for a, b in zip(grads(fast), grads(eager)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **TOL)
+        for net in (eager, fast):
+            net.zero_grad(set_to_none=True)
+    assert fast.compiled.stats["compiled_calls"] == 2 and fast.compiled.stats["eager_calls"] == 0
+
+
+def test_compiled_search_follows_the_eager_trajectory():
+    """Several bi-level steps, a derived structure that changes once (by hand), eager and compiled
+    calls mixed by the hotness rule: the weights and alpha end where the eager run's end."""
+    eager, fast = pair("entrannas", after=2)
+    opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", arch_lr=1e-6)) for net in (eager, fast)]
+    for step in range(5):
+        if step == 3:   # a new structure for the Transit-cell (cell 2, a reduction cell): max_pool on edge 0
+            for net in (eager, fast):
+                with torch.no_grad():
+                    net.alpha_reduce[0, net.primitives.index("max_pool_3x3")] += 3.0
+        for opt in opts:
+            opt.step(batch(step), batch(100 + step), update_arch=True)
+    for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, **TOL, msg=name)
+    stats = fast.compiled.stats
+    assert stats["compiles"] == 2 and stats["compiled_calls"] > 0 and stats["eager_calls"] > 0
+
+
+def test_a_structure_is_compiled_once_it_has_run_after_times_in_a_row():
+    calls = []
+    runner = CompiledStructures(lambda plans, x: "eager", mode="default", backend="eager", after=3, capacity=2)
+    runner._compiled = lambda plans, x: calls.append(plans) or "compiled"
+    x = torch.zeros(1)
+    a, b, c = (Structure(masks=(), plans=(name,), key=name.encode()) for name in "abc")
+    with pytest.warns(UserWarning, match="compile_cache"):
+        seen = [runner(s, x) for s in (a, a, b, a, a, a, a, b, b, b, c, c, c)]
+    assert seen == ["eager"] * 5 + ["compiled", "compiled"] + ["eager", "eager", "compiled"] + ["eager"] * 3
+    assert runner.stats == {"compiles": 2, "compiled_calls": 3, "eager_calls": 10}
+    assert runner(a, x) == "compiled"     # compiled once, compiled for good
+    with torch.no_grad():                 # another kind of pass starts its own streak
+        assert runner(a, x) == "eager"
