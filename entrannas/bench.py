@@ -1,112 +1,225 @@
 """Time steady-state search steps (arch step + weight step, first-order) per configuration.
 
-    entrannas-tune bench --configs darts entrannas dst --layers 8 --channels 8 \
+    entrannas-tune bench --configs darts entrannas dst --layers 8 --channels 8 \\
         --batch-size 32 --image-size 16 --device cpu
 
-(also ``python benchmarks/search_step.py ...``). Each configuration is a mode with its default
-placement, sharing and bottleneck ratio. Prints one JSON document (every measured figure) and a
-short table; ratios are only meaningful between configurations timed in the same run.
+(also ``python benchmarks/search_step.py ...``). A configuration is a mode with its default
+placement, sharing and bottleneck ratio, optionally followed by fast-path variants joined with
+``+``: ``bf16`` (autocast), ``cl`` (channels_last), ``compile`` (torch.compile), ``graphs``
+(torch.compile with CUDA graphs, mode reduce-overhead), ``autotune`` (mode max-autotune), e.g.
+``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
+after each configuration) and a short table. Ratios are only meaningful within one run.
+
+Each timed step does everything a search step does, the derivation of the structure included.
+With ``--frozen-arch`` the arch optimizer's learning rate is 0: the arithmetic is the same, but the
+derived structure cannot change while timing, as in a settled search (compiled graphs are reused).
+``--check`` compares each configuration's logits and gradients after the warm-up with the plain
+fp32 eager path from the same weights, on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from .bilevel import BilevelOptimizer
-from .config import SearchConfig
+from .bilevel import BilevelOptimizer, full_precision
+from .config import MODES, ConfigError, SearchConfig
+from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, resolve_device
 from .supernet import SearchNetwork, SupernetSpec
 
 STEPS_PER_EPOCH_CIFAR = 25_000
+VARIANTS = {
+    "bf16": {"precision": "bf16"},
+    "cl": {"channels_last": True},
+    "compile": {"compile": "default"},
+    "graphs": {"compile": "reduce-overhead"},
+    "autotune": {"compile": "max-autotune"},
+}
 
 
-def measure(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
-    config = SearchConfig(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
-                          batch_size=args.batch_size, epochs=50, arch_warmup_epochs=15,
-                          precision=args.precision, channels_last=args.channels_last).resolve()
+def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
+    """``mode[+variant...]`` -> a resolved config (raises ConfigError naming the bad part)."""
+    mode, *variants = label.split("+")
+    if mode not in MODES:
+        raise ConfigError("--configs", label, f"starts with a mode: {', '.join(MODES)}")
+    changes = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError("--configs", label, f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}")
+        changes.update(VARIANTS[v])
+    if changes["compile"] != "off" and args.compile_backend != "inductor":
+        changes["compile"] = "default"   # the other modes are inductor's
+    return SearchConfig(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
+                        batch_size=args.batch_size, epochs=50, arch_warmup_epochs=15,
+                        compile_backend=args.compile_backend, compile_after=1, **changes).resolve()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_block(fn, n: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    _sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def check_against_eager(model: SearchNetwork, opt: BilevelOptimizer, config: SearchConfig, batch) -> dict:
+    """Logits and gradients of this configuration's arch and weight passes vs the fp32 eager path
+    from the same state: the largest error relative to the eager logits' scale, and the cosine
+    similarity of the gradients."""
+    reference = SearchNetwork(SupernetSpec.from_config(config.replace(channels_last=False), 10, 3, "cifar"))
+    reference = reference.to(next(model.parameters()).device)
+    reference.load_state_dict(model.state_dict())
+    reference.tau = model.tau
+    x, y = batch
+    out = {}
+    for name, arch_grad in (("arch_pass", True), ("weight_pass", False)):
+        results = []
+        for net in (model, reference):
+            net.zero_grad(set_to_none=True)
+            params = net.arch_parameters() if arch_grad else net.weight_parameters()
+            # The same kinds of pass as the search step's (so compiled graphs are reused).
+            frozen = net.frozen_weights() if arch_grad else contextlib.nullcontext()
+            precision = opt.autocast(x) if net is model else contextlib.nullcontext()
+            with frozen, precision:
+                logits = net(x, arch_grad=arch_grad)
+            F.cross_entropy(full_precision(logits), y).backward()
+            grads = torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
+            results.append((full_precision(logits).detach(), grads))
+            net.zero_grad(set_to_none=True)
+        (lf, gf), (le, ge) = results
+        out[name] = {"logits_max_rel_error": ((lf - le).abs().max() / le.abs().max()).item(),
+                     "grad_cosine": F.cosine_similarity(gf, ge, dim=0).item()}
+    return out
+
+
+def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    spec = SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")
-    model = SearchNetwork(spec).to(device)
+    model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
+    model.compile_structures(config.compile, config.compile_backend, config.compile_after, config.compile_cache)
     opt = BilevelOptimizer(model, config)
+    if args.frozen_arch:
+        for group in opt.a_optimizer.param_groups:
+            group["lr"] = 0.0
     gen = torch.Generator().manual_seed(0)
     batch = lambda: (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),  # noqa: E731
                      torch.randint(0, 10, (args.batch_size,), generator=gen).to(device))
     batches = [(batch(), batch()) for _ in range(4)]
+    full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
+    weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for i in range(args.warmup):
-        opt.step(*batches[i % 4], update_arch=True)
-    sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        opt.step(*batches[i % 4], update_arch=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
-    warm_times = []
-    for i in range(min(args.steps, 3)):   # warm-up epochs: weight step only
-        t0 = time.perf_counter()
-        opt.step(*batches[i % 4], update_arch=False)
-        sync()
-        warm_times.append(time.perf_counter() - t0)
-    warm = sorted(warm_times)[len(warm_times) // 2]
+    warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
+    derivations, structures = model.derivations, set()
+    blocks = []
+    for _ in range(args.repeats):
+        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model._structure[1].key)),
+                                   args.steps, device))
+    derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
+    weight_step(0)   # the weight-only pass of the warm-up epochs (compiled here if it is a new kind)
+    warm = _timed_block(weight_step, args.steps, device)
+    blocks.sort()
+    per_step = blocks[len(blocks) // 2]
     steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
-    projected = steps * (config.arch_warmup_epochs * warm + (config.epochs - config.arch_warmup_epochs) * median)
-    return {"config": mode, "placement": config.placement, "feature_sharing": config.feature_sharing,
-            "bottleneck_ratio": config.bottleneck_ratio, "seconds_per_step": median,
-            "seconds_per_warmup_step": warm, "min_seconds_per_step": times[0],
-            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
-            "projected_50_epoch_minutes": projected / 60}
+    projected = steps * (config.arch_warmup_epochs * warm + (config.epochs - config.arch_warmup_epochs) * per_step)
+    row = {"config": label, "mode": config.mode, "placement": config.placement,
+           "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
+           "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
+           "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
+           "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
+           "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
+           "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
+           "projected_50_epoch_minutes": projected / 60,
+           "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
+           "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
+    if args.check:
+        row["check"] = check_against_eager(model, opt, config, batches[0][1])
+    return row
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="entrannas-tune bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["darts", "entrannas", "dst"],
-                   help="modes to time, each with its default placement, sharing and ratio")
+                   help="MODE[+VARIANT...]: modes with their default placement, sharing and ratio; "
+                        f"variants: {', '.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median block is reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the forward passes")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default for every config")
+    p.add_argument("--channels-last", action="store_true", help="NHWC for every config")
+    p.add_argument("--compile", default="off", help="torch.compile mode for every config")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--frozen-arch", action="store_true", help="arch lr 0 while timing: a settled structure")
+    p.add_argument("--check", action="store_true", help="compare with the fp32 eager path after timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each config)")
     args = p.parse_args(argv)
+    try:
+        for name in ("layers", "channels", "batch_size", "image_size", "steps", "repeats", "warmup"):
+            if getattr(args, name) < 1:
+                raise ConfigError("--" + name.replace("_", "-"), getattr(args, name), "must be >= 1")
+        configs = [parse_label(label, args) for label in args.configs]
+        device = resolve_device(args.device)
+    except (ConfigError, ValueError) as e:
+        print(f"entrannas-tune bench: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    rows = [measure(mode, args, device) for mode in args.configs]
-    base = next((r for r in rows if r["config"] == "darts"), None)
-    for r in rows:
-        r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     doc = {"device": str(device), "device_name": name, "torch": torch.__version__,
-           "threads": torch.get_num_threads(),
-           "args": vars(args), "results": rows}
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+           "command": "entrannas-tune bench " + " ".join(sys.argv[1:] if argv is None else argv),
+           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
+    rows = doc["results"]
+    for label, config in zip(args.configs, configs):
+        rows.append(measure(config, label, args, device))
+        base = next((r for r in rows if r["config"] == "darts"), None)
+        for r in rows:
+            r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
+        if args.out is not None:
+            write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
+        _release(device)
     print(json.dumps(doc, indent=2))
-    print(f"\n{'config':<10} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12}", file=sys.stderr)
+    print(table(rows), file=sys.stderr)
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'config':<24} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'warm-up s':>10}"]
     for r in rows:
         speed = f"{r['speedup_vs_darts']:.2f}" if r["speedup_vs_darts"] else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
-        print(f"{r['config']:<10} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
-              f"{r['projected_50_epoch_minutes']:>12.1f}", file=sys.stderr)
-    return 0
+        lines.append(f"{r['config']:<24} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
+                     f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f}")
+    return "\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
