@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .bilevel import BilevelOptimizer, full_precision
 from .config import MODES, ConfigError, SearchConfig
 from .rundir import write_text_atomic
-from .runtime import peak_memory_mb, resolve_device
+from .runtime import peak_memory_mb, resolve_device, use_fast_kernels
 from .supernet import SearchNetwork, SupernetSpec
 
 STEPS_PER_EPOCH_CIFAR = 25_000
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    use_fast_kernels(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     doc = {"device": str(device), "device_name": name, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),

@@ -30,13 +30,15 @@ class BilevelOptimizer:
         self.model, self.config = model, config
         self.bf16 = config.precision == "bf16"
         self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
+        # On CUDA the fused optimizers update every tensor in one kernel (the same update rule).
+        fused = all(p.is_cuda for p in model.parameters()) or None
         self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=config.lr, momentum=config.momentum,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=fused)
         self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.w_optimizer, T_max=epochs or config.epochs, eta_min=config.lr_min)
         self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=config.arch_lr,
                                             betas=(config.arch_beta1, config.arch_beta2),
-                                            weight_decay=config.arch_weight_decay)
+                                            weight_decay=config.arch_weight_decay, fused=fused)
 
     # -- losses ---------------------------------------------------------------------------------
     def regularizer(self) -> torch.Tensor:

@@ -21,6 +21,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_fast_kernels(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms once per shape and keep the fastest (CUDA only).
+    Shapes are fixed within a search or a training run, as in the DARTS code."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable, Optional
 
 import numpy as np
@@ -13,7 +14,7 @@ from .config import SearchConfig
 from .data import build_search_data
 from .derive import thresholds
 from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
-                      rng_state, seed_everything, set_rng_state)
+                      rng_state, seed_everything, set_rng_state, use_fast_kernels)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
 
@@ -28,6 +29,7 @@ class Search(EpochJob):
         config = config.resolve()   # idempotent: fills any unset default, validates
         self.config = config
         self.device = device or resolve_device(config.device)
+        use_fast_kernels(self.device)
         seed_everything(config.seed)
         self.data = build_search_data(config, self.device)
         info = self.data.info
@@ -48,6 +50,8 @@ class Search(EpochJob):
         """Train one epoch, then evaluate the super-net on the architecture split."""
         c, model = self.config, self.model
         start = time.perf_counter()
+        derivations = model.derivations
+        compiled = Counter(model.compiled.stats) if model.compiled is not None else None
         reset_peak_memory(self.device)
         model.tau = self.tau
         update_arch = self.epoch >= c.arch_warmup_epochs
@@ -78,6 +82,13 @@ class Search(EpochJob):
         valid_loss, valid_acc = self.evaluate()
         record = self._record(train_loss / n_train, train_correct / n_train, valid_loss, valid_acc,
                               lr, update_arch, time.perf_counter() - start)
+        # Host syncs to read a derived structure, and compiled/eager passes, in this epoch.
+        record["derivations"] = model.derivations - derivations
+        if compiled is not None:
+            stats = model.compiled.stats
+            record["compile"] = {k: stats[k] - compiled[k] for k in ("compiles", "compiled_calls", "eager_calls")}
+        else:
+            record["compile"] = None
         self.epoch += 1
         return record
 
@@ -117,8 +128,6 @@ class Search(EpochJob):
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device),
-            "derivations": m.derivations,
-            "compile": dict(m.compiled.stats) if m.compiled is not None else None,
         }
 
     # -- checkpoints ----------------------------------------------------------------------------

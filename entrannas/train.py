@@ -14,7 +14,7 @@ from .data import build_eval_data
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
 from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
-                      rng_state, seed_everything, set_rng_state)
+                      rng_state, seed_everything, set_rng_state, use_fast_kernels)
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -33,6 +33,7 @@ class Evaluation(EpochJob):
         config = config.resolve()
         self.genotype, self.config = genotype, config
         self.device = device or resolve_device(config.device)
+        use_fast_kernels(self.device)
         seed_everything(config.seed)
         self.data = build_eval_data(config, self.device)
         info = self.data.info

@@ -7,7 +7,7 @@ from entrannas.search import Search
 
 from conftest import tiny_config
 
-VOLATILE = ("seconds", "peak_memory_mb")
+VOLATILE = ("seconds", "peak_memory_mb", "derivations", "compile")   # facts of the process, not the search
 
 
 def stable(record: dict) -> dict:
@@ -71,3 +71,12 @@ def test_dst_search_on_digits_learns():
 def test_unrolled_search_runs_an_epoch():
     record = next(Search(small(mode="entrannas", unrolled=True, epochs=1, arch_warmup_epochs=0)).run())
     assert math.isfinite(record["valid_loss"])
+
+
+def test_an_epoch_derives_the_structure_once_per_step_and_never_in_warm_up():
+    search = Search(small(mode="entrannas", arch_warmup_epochs=1))
+    warm, searching = search.run_epoch(), search.run_epoch()
+    steps = min(len(search.data.train), len(search.data.valid))
+    assert warm["derivations"] == 1                 # tau's value at the epoch's start, then none
+    assert searching["derivations"] == steps + 1    # + the new tau at the start
+    assert warm["compile"] is None
