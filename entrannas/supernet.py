@@ -61,9 +61,11 @@ class CellPlan:
     """What one cell computes for one derived structure (``mask[e, k]``: op k on edge e is used).
 
     With feature sharing a *slot* is a source state (ops indexed by source node, SPEC 3); without it,
-    a slot is an edge. ``slot_ops[s]`` are the op indices computed on slot s, ``terms[j]`` the
-    ``(slot, source state, lo, hi)`` summed into node j, whose coefficients are ``coef[lo:hi]``, one
-    per op of the slot. ``rows``/``cols`` index those coefficients in an ``[E, K]`` weight matrix.
+    a slot is an edge. An Engine-cell computes ``slot_ops[s]`` (op indices) on slot s, stacked, and sums
+    ``terms[j]``, the ``(slot, source state, lo, hi)`` into node j, whose coefficients are
+    ``coef[lo:hi]``, one per op of the slot; ``rows``/``cols`` index those coefficients in an
+    ``[E, K]`` weight matrix. A Transit-cell adds up the derived ops themselves (SPEC 2: no
+    coefficients): ``kept[j]`` lists the ``(slot, source state, op)`` summed into node j.
     """
 
     def __init__(self, mask: torch.Tensor, n_nodes: int, sharing: bool, device: torch.device):
@@ -76,23 +78,23 @@ class CellPlan:
                 used.setdefault(slot_of_edge[e], set()).update(ks)
         self.slot_ops = {s: tuple(sorted(ks)) for s, ks in used.items()}
         self.terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_nodes)]
-        rows, cols, const = [], [], []
+        self.kept: list[list[tuple[int, int, int]]] = [[] for _ in range(n_nodes)]
+        rows, cols = [], []
         for e, (i, j) in enumerate(layout):
             if not kept[e]:
                 continue
             slot = slot_of_edge[e]
             ks = self.slot_ops[slot]
             self.terms[j].append((slot, i, len(rows), len(rows) + len(ks)))
+            self.kept[j] += [(slot, i, k) for k in kept[e]]
             rows += [e] * len(ks)
             cols += ks
-            const += [1.0 if k in kept[e] else 0.0 for k in ks]
         for j, node_terms in enumerate(self.terms):
             if not node_terms:
                 raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
                                              "(non-finite architecture parameters?)")
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)
-        self.const_coef = torch.tensor(const, device=device)
 
 
 @dataclass(frozen=True)
@@ -133,23 +135,35 @@ class SearchCell(nn.Module):
                                    search=True) for name in primitives)
             for i in sources)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan, coef: torch.Tensor) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan,
+                coef: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """An Engine-cell's output with the coefficients ``coef`` (see ``CellPlan``), or with
+        ``coef=None`` a Transit-cell's: the plain sum of the derived ops."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         squeezed: dict[int, torch.Tensor] = {}
-        features: dict[int, torch.Tensor] = {}
+
+        def source(i: int) -> torch.Tensor:
+            if i not in squeezed:
+                squeezed[i] = states[i] if self.squeeze is None else self.squeeze[i](states[i])
+            return squeezed[i]
+
+        features: dict = {}   # Engine: slot -> [n_ops, B, C, H, W]; Transit: (slot, op) -> [B, C, H, W]
         for j in range(self.n_nodes):
             node = None
-            for slot, i, lo, hi in plan.terms[j]:
-                feats = features.get(slot)
-                if feats is None:
-                    if i not in squeezed:
-                        squeezed[i] = states[i] if self.squeeze is None else self.squeeze[i](states[i])
-                    x = squeezed[i]
-                    ops = self.ops[slot]
-                    feats = torch.stack([ops[k](x) for k in plan.slot_ops[slot]])  # [n_ops, B, C, H, W]
-                    features[slot] = feats
-                term = torch.tensordot(coef[lo:hi].to(feats.dtype), feats, dims=1)    # [B, C, H, W]
-                node = term if node is None else node + term
+            if coef is None:
+                for slot, i, k in plan.kept[j]:
+                    term = features.get((slot, k))
+                    if term is None:
+                        term = features[slot, k] = self.ops[slot][k](source(i))
+                    node = term if node is None else node + term
+            else:
+                for slot, i, lo, hi in plan.terms[j]:
+                    feats = features.get(slot)
+                    if feats is None:
+                        ops, x = self.ops[slot], source(i)
+                        feats = features[slot] = torch.stack([ops[k](x) for k in plan.slot_ops[slot]])
+                    term = torch.tensordot(coef[lo:hi].to(feats.dtype), feats, dims=1)    # [B, C, H, W]
+                    node = term if node is None else node + term
             states.append(node if self.expand is None else self.expand[j](node))
         return torch.cat(states[N_INPUTS:], dim=1)
 
@@ -331,8 +345,7 @@ class SearchNetwork(nn.Module):
         s1 = s0 if self.stem1 is None else self.stem1(s0)
         for cell, plan in zip(self.cells, plans):
             w = w_reduce if cell.reduction else w_normal
-            coef = w[plan.rows, plan.cols] if cell.engine else plan.const_coef.to(w.dtype)
-            s0, s1 = s1, cell(s0, s1, plan, coef)
+            s0, s1 = s1, cell(s0, s1, plan, w[plan.rows, plan.cols] if cell.engine else None)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def compile_structures(self, mode: str = "default", backend: str = "inductor", after: int = 10,

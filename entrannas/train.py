@@ -40,7 +40,8 @@ class Evaluation(EpochJob):
         self.input_shape = (info.in_channels, info.image_size, info.image_size)
         self.model = build_network(genotype, config, info.num_classes, info.in_channels, info.stem).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+                                         weight_decay=config.weight_decay,
+                                         fused=self.device.type == "cuda" or None)   # one kernel per update
         if config.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs,
                                                                         eta_min=config.lr_min)

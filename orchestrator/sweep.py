@@ -199,9 +199,11 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
 
 def summarize(results, out: Callable[[str], None] = print) -> None:
     """A short table of trials when no full report is written."""
+    from results.collect import trial_status
+
     for result in results:
         metrics = result.metrics or {}
-        status = "failed" if result.error else ("diverged" if metrics.get("diverged") else "done")
+        status = trial_status(metrics, errored=result.error is not None)
         err = metrics.get("eval_test_error", metrics.get("valid_error"))
         err_text = f"{err:.4f}" if isinstance(err, float) else "-"
         point = (result.config or {}).get("trial", {}).get("point", {})

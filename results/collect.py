@@ -82,15 +82,19 @@ def genotype_summary(genotype: Optional[dict]) -> dict:
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
-def _trial_status(rows: list[dict], trial_dir: Path) -> str:
-    last = rows[-1] if rows else {}
+def trial_status(last: dict, errored: bool) -> str:
+    """A trial's status from its last reported metrics and whether Tune recorded an error: the one
+    rule for the report (from the files) and the sweep's closing summary (from Tune's results)."""
     if last.get("diverged"):
         return "diverged"
     if last.get("done"):
         return "done"
-    if (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file():
-        return "failed"
-    return "running"
+    return "failed" if errored else "running"
+
+
+def _trial_status(rows: list[dict], trial_dir: Path) -> str:
+    errored = (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file()
+    return trial_status(rows[-1] if rows else {}, errored)
 
 
 def _error_text(trial_dir: Path, rows: list[dict]) -> Optional[str]:

@@ -180,3 +180,19 @@ def test_report_from_a_real_sweep_with_failed_and_diverged_trials(tmp_path):
     assert (tmp_path / "both" / "tables" / "experiment_mode.csv").is_file()
     assert main(["report", str(experiment), "--group-by", "mode", "seed", "--out", str(tmp_path / "g")]) == 0
     assert len(pd.read_csv(tmp_path / "g" / "tables" / "mode_seed.csv")) == 6   # entrannas 0, 1; dst 0, 1, 2, 9
+
+
+def test_the_sweep_summary_and_the_report_share_one_status_rule():
+    from types import SimpleNamespace
+
+    from orchestrator.sweep import summarize
+
+    results = [SimpleNamespace(metrics={"done": True, "valid_error": 0.25}, error=None,
+                               config={"trial": {"point": {"lambda_": 0.1}}}),
+               SimpleNamespace(metrics={"diverged": True, "done": True}, error=None, config={}),
+               SimpleNamespace(metrics={"epoch": 1}, error=RuntimeError("boom"), config={}),
+               SimpleNamespace(metrics={"epoch": 1}, error=None, config={})]
+    lines = []
+    summarize(results, out=lines.append)
+    assert [line.split()[0] for line in lines] == ["done", "diverged", "failed", "running"]
+    assert "error 0.2500" in lines[0] and "lambda_=0.1" in lines[0]
