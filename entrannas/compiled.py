@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
@@ -37,7 +37,7 @@ class CompiledStructures:
     ``stats`` counts ``compiled_calls``, ``eager_calls`` and ``compiles`` (structures handed to the
     compiler; each is traced once per kind of pass)."""
 
-    def __init__(self, fn: Callable, mode: str = "default", backend: str = "inductor", after: int = 10,
+    def __init__(self, fn: Callable, mode: str = "default", backend: Union[str, Callable] = "inductor", after: int = 10,
                  capacity: int = 16):
         if mode not in COMPILE_MODES or mode == "off":
             raise ValueError(f"compile mode {mode!r}: allowed {', '.join(COMPILE_MODES[1:])}")
@@ -52,6 +52,13 @@ class CompiledStructures:
         self._streak: dict[tuple, tuple[bytes, int]] = {}   # kind -> (structure, uses in a row)
         self.stats: Counter = Counter()
         self._warned = False
+        # Every structure is a recompilation of the same function for dynamo: lift its limits
+        # (graphs per structure: kinds of pass x batch shapes, with room). Older names as fallback.
+        limit = 12 * capacity
+        config = torch._dynamo.config
+        names = (("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit")
+                 else ("cache_size_limit", "accumulated_cache_size_limit"))
+        self._limits = {name: max(getattr(config, name), limit) for name in names if hasattr(config, name)}
 
     @staticmethod
     def kind(args) -> tuple:
@@ -76,8 +83,7 @@ class CompiledStructures:
             # Each pass starts a new CUDA-graph generation: the outputs of the previous pass are
             # consumed by then (losses and gradients are computed right after each forward).
             torch.compiler.cudagraph_mark_step_begin()
-        limit = 4 * self.capacity * 3   # graphs per structure: kinds of pass x batch shapes, with room
-        with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=limit):
+        with torch._dynamo.config.patch(self._limits):
             return self._compiled(structure.plans, *args)
 
     def _becomes_hot(self, structure: bytes, kind: tuple) -> bool:

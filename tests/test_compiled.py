@@ -91,3 +91,23 @@ def test_a_structure_is_compiled_once_it_has_run_after_times_in_a_row():
     assert runner(a, x) == "compiled"     # compiled once, compiled for good
     with torch.no_grad():                 # another kind of pass starts its own streak
         assert runner(a, x) == "eager"
+
+
+def test_more_structures_than_dynamos_default_recompile_limit_all_get_compiled():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def scale(plans, x):              # the plan drives Python control flow, as a cell's plan does
+        for factor in plans:
+            x = x * factor
+        return x
+
+    runner = CompiledStructures(scale, backend=counting_backend, after=1, capacity=20)
+    x = torch.ones(3)
+    for n in range(1, 13):            # 12 structures; dynamo's default limit is 8 per function
+        structure = Structure(masks=(), plans=tuple(range(1, n + 1)), key=bytes([n]))
+        assert runner(structure, x)[0].item() == torch.arange(1, n + 1).prod().item()
+    assert len(graphs) == 12 and runner.stats["compiled_calls"] == 12
