@@ -79,7 +79,7 @@ class CompiledStructures:
             self.stats["eager_calls"] += 1
             return self.fn(structure.plans, *args)
         self.stats["compiled_calls"] += 1
-        if self.mode in CUDA_GRAPH_MODES and args[0].is_cuda:
+        if (self.mode in CUDA_GRAPH_MODES or self.backend == "cudagraphs") and args[0].is_cuda:
             # Each pass starts a new CUDA-graph generation: the outputs of the previous pass are
             # consumed by then (losses and gradients are computed right after each forward).
             torch.compiler.cudagraph_mark_step_begin()

@@ -2,7 +2,8 @@
 
 On the CPU the graphs go through dynamo and AOTAutograd with the ``aot_eager`` backend (inductor's
 C++ code generation takes minutes here); ``ENTRANNAS_TEST_DEVICE=cuda`` runs the same tests with
-inductor and CUDA graphs (``benchmarks/gpu_session.sh`` does).
+inductor and CUDA graphs, ``ENTRANNAS_TEST_COMPILE=cudagraphs/default`` with another backend/mode
+(``benchmarks/gpu_session.sh`` runs both).
 """
 
 import os
@@ -18,7 +19,10 @@ from conftest import tiny_config, tiny_net
 
 DEVICE = torch.device(os.environ.get("ENTRANNAS_TEST_DEVICE", "cpu"))
 ON_CUDA = DEVICE.type == "cuda"
-COMPILE = dict(mode="reduce-overhead", backend="inductor") if ON_CUDA else dict(mode="default", backend="aot_eager")
+# BACKEND/MODE, e.g. cudagraphs/default; the default is inductor with CUDA graphs on a GPU.
+_backend, _mode = os.environ.get("ENTRANNAS_TEST_COMPILE",
+                                 "inductor/reduce-overhead" if ON_CUDA else "aot_eager/default").split("/")
+COMPILE = dict(mode=_mode, backend=_backend)
 # Inductor reorders float arithmetic and may pick other conv algorithms; aot_eager runs the same kernels.
 TOL = dict(rtol=1e-3, atol=1e-4) if ON_CUDA else dict(rtol=1e-5, atol=1e-6)
 if ON_CUDA:   # compare real fp32 on both paths, not TF32 convolutions
