@@ -7,6 +7,7 @@ inductor and CUDA graphs, ``ENTRANNAS_TEST_COMPILE=cudagraphs/default`` with ano
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -115,3 +116,28 @@ def test_more_structures_than_dynamos_default_recompile_limit_all_get_compiled()
         structure = Structure(masks=(), plans=tuple(range(1, n + 1)), key=bytes([n]))
         assert runner(structure, x)[0].item() == torch.arange(1, n + 1).prod().item()
     assert len(graphs) == 12 and runner.stats["compiled_calls"] == 12
+
+
+def test_a_search_step_waits_for_the_device_once():
+    """The derived structure is read on the host once per step; nothing else in a step syncs.
+    On a GPU CUDA's sync debug mode counts every synchronising call; on the CPU the count of
+    derivations (each one host read) stands in for it."""
+    net = tiny_net(seed=0, mode="dst").to(DEVICE)
+    opt = BilevelOptimizer(net, tiny_config(mode="dst"))
+    opt.step(batch(0), batch(100), update_arch=True)     # the first step also derives for the new tau
+    batches = [(batch(s), batch(100 + s)) for s in range(1, 4)]   # copied to the device beforehand
+    before = net.derivations
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if ON_CUDA:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for train, valid in batches:
+                opt.step(train, valid, update_arch=True)
+        finally:
+            if ON_CUDA:
+                torch.cuda.set_sync_debug_mode("default")
+    assert net.derivations - before == 3
+    if ON_CUDA:
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 3, [str(w.message) for w in syncs]
