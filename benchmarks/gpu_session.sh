@@ -7,16 +7,19 @@
 # keeps what it measured), its table, the compiled-path tests run on the GPU, and the environment.
 # Ray is not needed. pytest and tqdm come from .device/site, which benchmarks/device_site.sh fills
 # from the local virtual environment (the device has torch, pandas, seaborn, pyyaml, torchvision).
-# DEVICE, SIZE, SEARCH_SIZE and BACKEND exist for a dry run on the CPU (it checks the script, not
-# the figures; the compiled tests may reach their time limits there):
+# DEVICE, SIZE, SEARCH_SIZE, BACKEND and CONFIGS exist for a dry run on the CPU (it checks the
+# script, not the figures; the compiled tests may reach their time limits there; bf16 with
+# channels_last is refused on the CPU):
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" PY=.venv/bin/python OUT=/tmp/dry \
-#   bash benchmarks/gpu_session.sh
+#   CONFIGS="darts entrannas dst entrannas+cudagraphs+bf16 dst+graphs+bf16" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
+CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cudagraphs+bf16+cl dst+cudagraphs+bf16+cl \
+entrannas+graphs+bf16+cl dst+graphs+bf16+cl entrannas+bf16+cl dst+bf16+cl}
 BACKEND=${BACKEND:-inductor}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
@@ -29,9 +32,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
 # 1. Seconds per step, memory and projections: the DARTS configuration first (the ratio's base),
 #    then the defaults eager, then the compiled fast paths, then the eager fast paths.
 TORCH_LOGS=perf_hints timeout 300 "$PY" -m entrannas.bench \
-    --configs darts entrannas dst entrannas+cudagraphs+bf16+cl dst+cudagraphs+bf16+cl \
-              entrannas+graphs+bf16+cl dst+graphs+bf16+cl entrannas+bf16+cl dst+bf16+cl \
-    $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
+    --configs $CONFIGS $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
     --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > "$OUT/bench.stdout" 2> "$OUT/bench.log"
 echo "bench exit status $?" >> "$OUT/bench.log"
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .bilevel import BilevelOptimizer, full_precision
-from .config import MODES, ConfigError, SearchConfig
+from .config import MODES, ConfigError, SearchConfig, check_device_support
 from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, resolve_device, use_fast_kernels
 from .supernet import SearchNetwork, SupernetSpec
@@ -128,6 +128,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
     derivations, structures = model.derivations, set()
     blocks = []
@@ -148,6 +149,9 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
+           # CPU: how far the steps raised the process's resident peak (the model, the batches and
+           # the imports were there before); per configuration only when it runs alone in a process.
+           "cpu_peak_growth_mb": peak_memory_mb(torch.device("cpu")) - rss_before if device.type == "cpu" else None,
            "projected_50_epoch_minutes": projected / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
                 raise ConfigError("--" + name.replace("_", "-"), getattr(args, name), "must be >= 1")
         configs = [parse_label(label, args) for label in args.configs]
         device = resolve_device(args.device)
+        for config in configs:
+            check_device_support(config, device)
     except (ConfigError, ValueError) as e:
         print(f"entrannas-tune bench: {e}", file=sys.stderr)
         return 2

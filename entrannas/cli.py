@@ -130,7 +130,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     try:
         search = Search(config)
-    except FileNotFoundError as e:   # a data directory without the expected files
+    except (FileNotFoundError, ConfigError) as e:   # missing data files; a setting this device cannot run
         return _error(str(e))
     status = _run_job(search, run, config, resume, args,
                       lambda record: run.write_json("genotype.json", record["genotype"]), SearchDiverged)

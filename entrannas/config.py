@@ -34,6 +34,19 @@ class ConfigError(ValueError):
         super().__init__(f"{field} = {value!r}: {allowed}")
 
 
+def check_device_support(config, device) -> None:
+    """Refuse settings that a device is known to compute wrongly, before any data or model exists.
+
+    Only the device a job runs on can tell (a sweep's trials may run on other machines than its
+    driver), so jobs call this once they know their device."""
+    if device.type == "cpu" and getattr(config, "precision", "fp32") == "bf16" and config.channels_last:
+        # Measured with torch 2.14.1: a bf16 channels_last depthwise 5x5 conv with dilation 2 on 4
+        # channels (dil_conv_5x5 after the bottleneck) gets NaN weight gradients at 32x32 inputs.
+        raise ConfigError("channels_last", True,
+                          "with precision bf16 on the CPU, torch's kernel returns NaN weight gradients for "
+                          "dil_conv_5x5 at some shapes; on the CPU use bf16 or channels_last, not both")
+
+
 class FlatConfig:
     """Shared behaviour of the flat, frozen config dataclasses: YAML in, validated values out."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .bilevel import BilevelOptimizer, full_precision
-from .config import SearchConfig
+from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
 from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
@@ -29,6 +29,7 @@ class Search(EpochJob):
         config = config.resolve()   # idempotent: fills any unset default, validates
         self.config = config
         self.device = device or resolve_device(config.device)
+        check_device_support(config, self.device)
         use_fast_kernels(self.device)
         seed_everything(config.seed)
         self.data = build_search_data(config, self.device)

@@ -55,6 +55,14 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys, no_mo
     assert not (out / "history.jsonl").exists()
 
 
+def test_a_setting_the_device_cannot_run_is_refused_before_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(entrannas.search, "build_search_data",
+                        lambda *a: pytest.fail("data loaded for a setting the device cannot run"))
+    args = ["search", "--set", "precision=bf16", "--set", "channels_last=true", "--set", "device=cpu"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "channels_last = True: with precision bf16 on the CPU" in capsys.readouterr().err
+
+
 def test_console_script_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "entrannas", "search", "--set", "mode=nope", "--out",
                            str(tmp_path / "r")], capture_output=True, text=True)
