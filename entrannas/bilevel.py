@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import derive
+from .runtime import fused_available
 from .supernet import ARCH_PARAMETER_NAMES, SearchNetwork
 
 
@@ -30,15 +31,17 @@ class BilevelOptimizer:
         self.model, self.config = model, config
         self.bf16 = config.precision == "bf16"
         self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
-        # On CUDA the fused optimizers update every tensor in one kernel (the same update rule).
-        fused = all(p.is_cuda for p in model.parameters()) or None
+        # Multi-tensor updates instead of a Python loop over hundreds of tensors. Not fused SGD: its
+        # kernel fails once an op that a Transit-cell switched in gets its first gradient (a
+        # momentum buffer missing among present ones), which the foreach path handles.
         self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=config.lr, momentum=config.momentum,
-                                           weight_decay=config.weight_decay, fused=fused)
+                                           weight_decay=config.weight_decay, foreach=True)
         self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.w_optimizer, T_max=epochs or config.epochs, eta_min=config.lr_min)
         self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=config.arch_lr,
                                             betas=(config.arch_beta1, config.arch_beta2),
-                                            weight_decay=config.arch_weight_decay, fused=fused)
+                                            weight_decay=config.arch_weight_decay,
+                                            fused=fused_available(model.arch_parameters()))
 
     # -- losses ---------------------------------------------------------------------------------
     def regularizer(self) -> torch.Tensor:
@@ -67,6 +70,7 @@ class BilevelOptimizer:
                 loss, _ = self.arch_loss(*valid_batch)
             loss.backward()
         self.a_optimizer.step()
+        self.model.arch_changed()
         return loss.detach()
 
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +81,7 @@ class BilevelOptimizer:
         loss = F.cross_entropy(full_precision(logits), y)
         loss.backward()
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip, foreach=True)
         self.w_optimizer.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
 

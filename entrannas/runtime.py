@@ -6,6 +6,7 @@ import os
 import random
 import resource
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,12 @@ def use_fast_kernels(device: torch.device) -> None:
     Shapes are fixed within a search or a training run, as in the DARTS code."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def fused_available(params) -> Optional[bool]:
+    """``fused=True`` for torch's SGD and Adam where they have fused kernels (CPU and CUDA), else
+    ``None`` (torch's default)."""
+    return True if all(p.device.type in ("cpu", "cuda") for p in params) else None
 
 
 def seed_everything(seed: int) -> None:

@@ -228,7 +228,9 @@ class SearchNetwork(nn.Module):
         else:
             self.beta_normal = self.beta_reduce = None
         self._plans: dict[tuple, CellPlan] = {}
+        self._param_lists: Optional[tuple[list[nn.Parameter], list[nn.Parameter]]] = None
         self._structure: Optional[tuple[tuple, Structure]] = None
+        self._arch_updates = 0
         self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.compiled: Optional["CompiledStructures"] = None
@@ -238,10 +240,19 @@ class SearchNetwork(nn.Module):
 
     # -- parameters -----------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n in ARCH_PARAMETER_NAMES]
+        return list(self._parameter_lists()[0])
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n not in ARCH_PARAMETER_NAMES]
+        return list(self._parameter_lists()[1])
+
+    def _parameter_lists(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        # Walking the module tree for its hundreds of parameters took a fifth of a small step's host
+        # time (two walks per step); the lists only change when ``_apply`` may replace parameters.
+        if self._param_lists is None:
+            named = list(self.named_parameters())
+            self._param_lists = ([p for n, p in named if n in ARCH_PARAMETER_NAMES],
+                                 [p for n, p in named if n not in ARCH_PARAMETER_NAMES])
+        return self._param_lists
 
     @contextmanager
     def frozen_weights(self):
@@ -293,10 +304,19 @@ class SearchNetwork(nn.Module):
             plan = self._plans[key] = CellPlan(mask, self.spec.nodes, self.spec.feature_sharing, device)
         return plan
 
+    def arch_changed(self) -> None:
+        """Say that alpha or beta changed: the next forward derives the structure anew.
+
+        In-place edits (``alpha.add_``, ``load_state_dict``) are noticed without it, through the
+        tensors' version counters; torch's fused optimizer kernels do not bump those counters, so
+        the bi-level optimizer calls this after every arch update."""
+        self._arch_updates += 1
+
     def _arch_key(self, device: torch.device) -> tuple:
-        """Changes whenever alpha, beta or tau may have: an in-place update bumps a tensor's version."""
+        """Changes whenever alpha, beta or tau may have."""
         params = (self.alpha_normal, self.alpha_reduce, self.beta_normal, self.beta_reduce)
-        return (self.tau, device) + tuple((p.data_ptr(), p._version) for p in params if p is not None)
+        return ((self.tau, device, self._arch_updates)
+                + tuple((p.data_ptr(), p._version) for p in params if p is not None))
 
     def structure(self, weights: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Structure:
         """The derived structure for the current alpha, beta and tau.
@@ -358,6 +378,8 @@ class SearchNetwork(nn.Module):
                                                                       after, capacity)
 
     def _apply(self, fn, *args, **kwargs):
-        # Moving or casting the parameters makes the cached structure's key meaningless.
+        # Moving or casting the parameters makes the cached structure's key meaningless (and may
+        # replace the parameter objects).
         self._structure = None
+        self._param_lists = None
         return super()._apply(fn, *args, **kwargs)

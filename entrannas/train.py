@@ -14,7 +14,7 @@ from .data import build_eval_data
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
 from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
-                      rng_state, seed_everything, set_rng_state, use_fast_kernels)
+                      rng_state, seed_everything, set_rng_state, use_fast_kernels, fused_available)
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -41,7 +41,7 @@ class Evaluation(EpochJob):
         self.model = build_network(genotype, config, info.num_classes, info.in_channels, info.stem).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay,
-                                         fused=self.device.type == "cuda" or None)   # one kernel per update
+                                         fused=fused_available(self.model.parameters()))
         if config.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs,
                                                                         eta_min=config.lr_min)
@@ -73,7 +73,7 @@ class Evaluation(EpochJob):
                 loss = loss + c.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=c.label_smoothing)
             loss.backward()
             if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip, foreach=True)
             self.optimizer.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
             n += len(y)

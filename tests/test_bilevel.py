@@ -90,3 +90,22 @@ def test_arch_step_gives_the_full_backward_gradient_without_weight_gradients(mod
         torch.testing.assert_close(a.grad, g, rtol=0, atol=0)
     assert all(p.grad is None for p in net.weight_parameters())
     assert all(p.requires_grad for p in net.weight_parameters())   # restored after the step
+
+
+def test_an_op_switched_in_by_a_transit_cell_starts_training():
+    """Its weights get their first gradient (and momentum buffer) while the others have theirs."""
+    net = tiny_net(mode="entrannas")
+    opt = BilevelOptimizer(net, tiny_config(mode="entrannas"))
+    k = net.primitives.index("sep_conv_3x3")
+    transit = next(c for c in net.cells if not c.engine)      # cell 2, a reduction cell
+    with torch.no_grad():                                      # every edge: max_pool (no weights)
+        net.alpha_reduce.fill_(-5.0)
+        net.alpha_reduce[:, net.primitives.index("max_pool_3x3")] = 5.0
+    opt.step(batch(0), batch(1), update_arch=False)
+    weight = transit.ops[0][k][0][1].weight                   # sep_conv_3x3's first depthwise conv on input 0
+    assert weight.grad is None and opt.w_optimizer.state.get(weight) is None
+    with torch.no_grad():
+        net.alpha_reduce[0, k] = 10.0                          # now sep_conv_3x3 wins on edge 0
+    before = weight.detach().clone()
+    opt.step(batch(2), batch(3), update_arch=False)
+    assert not torch.equal(weight, before) and "momentum_buffer" in opt.w_optimizer.state[weight]
