@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -160,7 +161,12 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     return row
 
 
-def _release(device: torch.device) -> None:
+def _release(device: torch.device, compiled: bool) -> None:
+    """Free what one configuration left behind, its compiled graphs and CUDA-graph pools included."""
+    if compiled:
+        import torch._dynamo
+
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -210,21 +216,29 @@ def main(argv=None) -> int:
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
     rows = doc["results"]
     for label, config in zip(args.configs, configs):
-        rows.append(measure(config, label, args, device))
-        base = next((r for r in rows if r["config"] == "darts"), None)
+        try:
+            rows.append(measure(config, label, args, device))
+        except Exception as e:   # one failing configuration (a compiler error, out of memory) spares the others
+            traceback.print_exc()
+            rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
+        base = next((r for r in rows if r["config"] == "darts" and "error" not in r), None)
         for r in rows:
-            r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
+            if "error" not in r:
+                r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
         if args.out is not None:
             write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-        _release(device)
+        _release(device, compiled=config.compile != "off")
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'warm-up s':>10}"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
+            continue
         speed = f"{r['speedup_vs_darts']:.2f}" if r["speedup_vs_darts"] else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "

@@ -78,3 +78,25 @@ def test_bench_refuses_bad_input_before_timing(args, message, capsys, monkeypatc
     monkeypatch.setattr("entrannas.bench.measure", lambda *a: pytest.fail("timed despite bad input"))
     assert bench_main([*args, "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_failing_configuration_spares_the_others(capsys, monkeypatch, tmp_path):
+    import entrannas.bench
+
+    measure = entrannas.bench.measure
+
+    def flaky(config, label, args, device):
+        if label == "entrannas":
+            raise RuntimeError("compiler exploded")
+        return measure(config, label, args, device)
+
+    monkeypatch.setattr(entrannas.bench, "measure", flaky)
+    out = tmp_path / "b.json"
+    assert bench_main(["--configs", "darts", "entrannas", "dst", "--layers", "3", "--channels", "4",
+                       "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                       "--device", "cpu", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in rows] == ["darts", "entrannas", "dst"]
+    assert rows[1] == {"config": "entrannas", "error": "RuntimeError: compiler exploded"}
+    assert rows[2]["speedup_vs_darts"] > 0
+    assert "failed: RuntimeError: compiler exploded" in capsys.readouterr().err
