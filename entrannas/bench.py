@@ -234,7 +234,8 @@ def main(argv=None) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'warm-up s':>10}"]
+    lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'warm-up s':>10} "
+             f"{'structures':>10}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
@@ -242,7 +243,10 @@ def table(rows: list[dict]) -> str:
         speed = f"{r['speedup_vs_darts']:.2f}" if r["speedup_vs_darts"] else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
-                     f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f}")
+                     f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f} "
+                     f"{r['structures_while_timing']:>10}")
+    lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
+                 "when first seen, so use --frozen-arch for a settled search)")
     return "\n" + "\n".join(lines)
 
 
