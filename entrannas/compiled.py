@@ -37,8 +37,8 @@ class CompiledStructures:
     ``stats`` counts ``compiled_calls``, ``eager_calls`` and ``compiles`` (structures handed to the
     compiler; each is traced once per kind of pass)."""
 
-    def __init__(self, fn: Callable, mode: str = "default", backend: Union[str, Callable] = "inductor", after: int = 10,
-                 capacity: int = 16):
+    def __init__(self, fn: Callable, mode: str = "default", backend: Union[str, Callable] = "inductor",
+                 after: int = 10, capacity: int = 16):
         if mode not in COMPILE_MODES or mode == "off":
             raise ValueError(f"compile mode {mode!r}: allowed {', '.join(COMPILE_MODES[1:])}")
         if after < 1 or capacity < 1:

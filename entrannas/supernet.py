@@ -1,9 +1,11 @@
 """The search super-net: Engine-cells (differentiable, full DAG) and Transit-cells (derived sub-graph).
 
 One cell class serves both roles and every mode. A cell runs a *plan*: which op features to compute
-and, for every intermediate node, which of them to sum with which coefficients. An Engine-cell's
-coefficients are gathered from the differentiable architecture weights; a Transit-cell's are the
-constant 0/1 of the derived set, so no gradient reaches alpha through it.
+and, for every intermediate node, which of them to sum. An Engine-cell weights them with
+coefficients gathered from the differentiable architecture weights; a Transit-cell adds up the ops
+of the derived set, so no gradient reaches alpha through it. The derived structure (every cell's
+plan) is read on the host once per change of alpha, beta or tau, and may be compiled
+(``entrannas.compiled``).
 """
 
 from __future__ import annotations
