@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     doc = {"device": str(device), "device_name": name, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-           "command": "entrannas-tune bench " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": _command_line(argv),
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
     rows = doc["results"]
     for label, config in zip(args.configs, configs):
@@ -231,6 +231,16 @@ def main(argv=None) -> int:
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _command_line(argv) -> str:
+    """How this bench was started: the CLI passes ``argv``; a script run leaves it to ``sys.argv``."""
+    if argv is not None:
+        return " ".join(["entrannas-tune bench", *argv])
+    script = sys.argv[0]
+    prog = "python -m entrannas.bench" if script.endswith(("entrannas/bench.py", "entrannas\\bench.py")) \
+        else f"python {script}"
+    return " ".join([prog, *sys.argv[1:]])
 
 
 def table(rows: list[dict]) -> str:
