@@ -21,7 +21,7 @@ fp32 eager path from the same weights, on the same device.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import gc
 import json
 import platform
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .bilevel import BilevelOptimizer, full_precision
 from .config import MODES, ConfigError, SearchConfig, check_device_support
 from .rundir import write_text_atomic
-from .runtime import peak_memory_mb, resolve_device, use_fast_kernels
+from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels
 from .supernet import SearchNetwork, SupernetSpec
 
 STEPS_PER_EPOCH_CIFAR = 25_000
@@ -82,27 +82,29 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def check_against_eager(model: SearchNetwork, opt: BilevelOptimizer, config: SearchConfig, batch) -> dict:
+def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
     """Logits and gradients of this configuration's arch and weight passes vs the fp32 eager path
     from the same state: the largest error relative to the eager logits' scale, and the cosine
     similarity of the gradients."""
-    reference = SearchNetwork(SupernetSpec.from_config(config.replace(channels_last=False), 10, 3, "cifar"))
+    model = opt.model
+    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False))
     reference = reference.to(next(model.parameters()).device)
     reference.load_state_dict(model.state_dict())
     reference.tau = model.tau
-    x, y = batch
+    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", channels_last=False, compile="off"))
     out = {}
-    for name, arch_grad in (("arch_pass", True), ("weight_pass", False)):
+    for name, arch_pass in (("arch_pass", True), ("weight_pass", False)):
         results = []
-        for net in (model, reference):
+        for o in (opt, plain):   # the losses of the search step itself, so compiled graphs are reused
+            net = o.model
             net.zero_grad(set_to_none=True)
-            params = net.arch_parameters() if arch_grad else net.weight_parameters()
-            # The same kinds of pass as the search step's (so compiled graphs are reused).
-            frozen = net.frozen_weights() if arch_grad else contextlib.nullcontext()
-            precision = opt.autocast(x) if net is model else contextlib.nullcontext()
-            with frozen, precision:
-                logits = net(x, arch_grad=arch_grad)
-            F.cross_entropy(full_precision(logits), y).backward()
+            if arch_pass:
+                with net.frozen_weights():
+                    loss, logits = o.arch_loss(*batch)
+            else:
+                loss, logits = o.weight_loss(*batch)
+            loss.backward()
+            params = net.arch_parameters() if arch_pass else net.weight_parameters()
             grads = torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
             results.append((full_precision(logits).detach(), grads))
             net.zero_grad(set_to_none=True)
@@ -127,14 +129,13 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
     weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
     derivations, structures = model.derivations, set()
     blocks = []
     for _ in range(args.repeats):
-        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model._structure[1].key)),
+        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model.last_structure.key)),
                                    args.steps, device))
     derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
     weight_step(0)   # the weight-only pass of the warm-up epochs (compiled here if it is a new kind)
@@ -157,7 +158,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
     if args.check:
-        row["check"] = check_against_eager(model, opt, config, batches[0][1])
+        row["check"] = check_against_eager(opt, batches[0][1])
     return row
 
 

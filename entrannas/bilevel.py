@@ -60,6 +60,12 @@ class BilevelOptimizer:
             logits = self.model(x)
         return F.cross_entropy(full_precision(logits), y) + self.regularizer(), logits
 
+    def weight_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss with alpha and beta out of the graph (the weight step's)."""
+        with self.autocast(x):
+            logits = self.model(x, arch_grad=False)
+        return F.cross_entropy(full_precision(logits), y), logits
+
     # -- steps ----------------------------------------------------------------------------------
     def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
         self.a_optimizer.zero_grad(set_to_none=True)
@@ -76,9 +82,7 @@ class BilevelOptimizer:
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_batch
         self.w_optimizer.zero_grad(set_to_none=True)
-        with self.autocast(x):
-            logits = self.model(x, arch_grad=False)
-        loss = F.cross_entropy(full_precision(logits), y)
+        loss, logits = self.weight_loss(x, y)
         loss.backward()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip, foreach=True)

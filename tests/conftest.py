@@ -21,6 +21,13 @@ def tiny_config(**changes) -> SearchConfig:
     return SearchConfig(**values).resolve()
 
 
+def tiny_batch(seed: int, n: int = 8, dtype=torch.float32, device="cpu"):
+    """Digits-shaped inputs (1 channel, 8x8) and labels, the same for the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 1, 8, 8, generator=gen).to(device=device, dtype=dtype),
+            torch.randint(0, 10, (n,), generator=gen).to(device))
+
+
 def tiny_net(seed: int = 0, in_channels: int = 1, **changes) -> SearchNetwork:
     torch.manual_seed(seed)
     config = tiny_config(**changes)

@@ -6,12 +6,7 @@ from torch.func import functional_call
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.supernet import ARCH_PARAMETER_NAMES
 
-from conftest import tiny_config, tiny_net
-
-
-def batch(seed, n=8, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=gen).to(dtype), torch.randint(0, 10, (n,), generator=gen)
+from conftest import tiny_batch, tiny_config, tiny_net
 
 
 def test_lambda_pushes_thresholds_up():
@@ -19,7 +14,7 @@ def test_lambda_pushes_thresholds_up():
         net = tiny_net(mode="dst")
         opt = BilevelOptimizer(net, tiny_config(mode="dst", lambda_=lambda_, arch_lr=0.05))
         for s in range(5):
-            opt.step(batch(s), batch(100 + s), update_arch=True)
+            opt.step(tiny_batch(s), tiny_batch(100 + s), update_arch=True)
         return torch.cat([net.beta_normal, net.beta_reduce]).detach()
 
     none, strong = betas_after(0.0), betas_after(5.0)
@@ -30,9 +25,9 @@ def test_first_order_arch_step_moves_alpha_weight_step_does_not():
     net = tiny_net(mode="entrannas")
     opt = BilevelOptimizer(net, tiny_config(mode="entrannas"))
     before = net.alpha_normal.detach().clone()
-    opt.step(batch(0), batch(1), update_arch=False)
+    opt.step(tiny_batch(0), tiny_batch(1), update_arch=False)
     assert torch.equal(net.alpha_normal, before) and net.alpha_normal.grad is None
-    opt.step(batch(0), batch(1), update_arch=True)
+    opt.step(tiny_batch(0), tiny_batch(1), update_arch=True)
     assert not torch.equal(net.alpha_normal, before)
 
 
@@ -52,7 +47,7 @@ def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
     prims = ("sep_conv_3x3", "avg_pool_3x3", "skip_connect", "dil_conv_3x3")
     config = tiny_config(mode=mode, primitives=prims, unrolled=True, lr=0.05, weight_decay=3e-4, lambda_=0.2)
     net = tiny_net(mode=mode, primitives=prims, beta_init=-0.5).double()
-    train, valid = batch(0, dtype=torch.float64), batch(1, dtype=torch.float64)
+    train, valid = tiny_batch(0, dtype=torch.float64), tiny_batch(1, dtype=torch.float64)
     opt = BilevelOptimizer(net, config)
     # A small radius: this tiny net's loss has ReLU kinks that DARTS' 0.01 straddles.
     opt.fd_radius = 1e-6
@@ -79,13 +74,13 @@ def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
 def test_arch_step_gives_the_full_backward_gradient_without_weight_gradients(mode):
     net = tiny_net(mode=mode)
     opt = BilevelOptimizer(net, tiny_config(mode=mode))
-    loss, _ = opt.arch_loss(*batch(1))
+    loss, _ = opt.arch_loss(*tiny_batch(1))
     loss.backward()                      # the plain backward: arch and weight gradients
     expected = [a.grad.clone() for a in net.arch_parameters()]
     assert any(p.grad is not None for p in net.weight_parameters())
     net.zero_grad(set_to_none=True)
     opt.a_optimizer.step = lambda: None  # keep the gradients to compare them
-    opt.arch_step(batch(0), batch(1))
+    opt.arch_step(tiny_batch(0), tiny_batch(1))
     for a, g in zip(net.arch_parameters(), expected):
         torch.testing.assert_close(a.grad, g, rtol=0, atol=0)
     assert all(p.grad is None for p in net.weight_parameters())
@@ -101,11 +96,11 @@ def test_an_op_switched_in_by_a_transit_cell_starts_training():
     with torch.no_grad():                                      # every edge: max_pool (no weights)
         net.alpha_reduce.fill_(-5.0)
         net.alpha_reduce[:, net.primitives.index("max_pool_3x3")] = 5.0
-    opt.step(batch(0), batch(1), update_arch=False)
+    opt.step(tiny_batch(0), tiny_batch(1), update_arch=False)
     weight = transit.ops[0][k][0][1].weight                   # sep_conv_3x3's first depthwise conv on input 0
     assert weight.grad is None and opt.w_optimizer.state.get(weight) is None
     with torch.no_grad():
         net.alpha_reduce[0, k] = 10.0                          # now sep_conv_3x3 wins on edge 0
     before = weight.detach().clone()
-    opt.step(batch(2), batch(3), update_arch=False)
+    opt.step(tiny_batch(2), tiny_batch(3), update_arch=False)
     assert not torch.equal(weight, before) and "momentum_buffer" in opt.w_optimizer.state[weight]

@@ -16,7 +16,7 @@ from entrannas.bilevel import BilevelOptimizer
 from entrannas.compiled import CompiledStructures
 from entrannas.supernet import Structure
 
-from conftest import tiny_config, tiny_net
+from conftest import tiny_batch, tiny_config, tiny_net
 
 DEVICE = torch.device(os.environ.get("ENTRANNAS_TEST_DEVICE", "cpu"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -31,9 +31,8 @@ if ON_CUDA:   # compare real fp32 on both paths, not TF32 convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def batch(seed, n=8):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=gen).to(DEVICE), torch.randint(0, 10, (n,), generator=gen).to(DEVICE)
+def batch(seed):
+    return tiny_batch(seed, device=DEVICE)
 
 
 def pair(mode, after=1, **changes):

@@ -9,15 +9,13 @@ import torch.nn.functional as F
 from entrannas.bench import main as bench_main
 from entrannas.bilevel import BilevelOptimizer
 
-from conftest import tiny_config, tiny_net
+from conftest import tiny_batch, tiny_config, tiny_net
 
 
 def outputs_and_grads(mode: str, **changes):
     net = tiny_net(seed=0, mode=mode, **changes)
     opt = BilevelOptimizer(net, tiny_config(mode=mode, **changes))
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-    loss, logits = opt.arch_loss(x, y)
+    loss, logits = opt.arch_loss(*tiny_batch(0))
     loss.backward()
     weights = [p.grad for p in net.weight_parameters() if p.grad is not None]
     return logits.float(), [a.grad.clone() for a in net.arch_parameters()], weights
