@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Everything issue 6 measures on a lent GPU, in one call (about 9 minutes at most):
+# Everything issue 6 measures on a lent GPU, in one call (about 8 minutes at most):
 #
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".device"], timeout_s=560)
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=480)
 #
-# Results go under $OUT: the bench JSON (written after each configuration, so a stage cut short
-# keeps what it measured), its table, the compiled-path tests run on the GPU, and the environment.
-# Ray is not needed. pytest and tqdm come from .device/site, which benchmarks/device_site.sh fills
-# from the local virtual environment (the device has torch, pandas, seaborn, pyyaml, torchvision).
+# Results go under $OUT (at most 8 files come back): the bench JSON (written after each
+# configuration, so a stage cut short keeps what it measured), its log and table, the compiled-path
+# tests run on the GPU, the short search (one archive), the environment and each stage's start time.
+# Ray is not needed; the device's image has pytest and tqdm (for a machine without them,
+# benchmarks/device_site.sh copies them into .device/site: carry ".device").
 # DEVICE, SIZE, SEARCH_SIZE, BACKEND and CONFIGS exist for a dry run on the CPU (it checks the
 # script, not the figures; the compiled tests may reach their time limits there; bf16 with
 # channels_last is refused on the CPU):
@@ -19,7 +20,9 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cudagraphs+bf16+cl dst+cudagraphs+bf16+cl \
-entrannas+graphs+bf16+cl dst+graphs+bf16+cl entrannas+bf16+cl dst+bf16+cl}
+entrannas+cudagraphs dst+cudagraphs entrannas+bf16+cl dst+bf16+cl darts+bf16+cl \
+entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
+SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
 BACKEND=${BACKEND:-inductor}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
@@ -29,19 +32,24 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
 { date -u; nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda)"; } \
     > "$OUT/environment.txt" 2>&1
 
-# 1. Seconds per step, memory and projections: the DARTS configuration first (the ratio's base),
-#    then the defaults eager, then the compiled fast paths, then the eager fast paths.
+stage() { echo "$(date -u +%T) $*" >> "$OUT/stages.txt"; }
+
+# 1. Seconds per step, memory and projections, most wanted first (a cut-short stage keeps what it
+#    measured): the DARTS configuration (the ratio's base), the defaults eager, CUDA graphs of the
+#    traced graphs (quick to build) in bf16 and fp32, the eager fast paths, then inductor (slow to build).
+stage bench
 # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
 LOGS=perf_hints
 TORCH_LOGS=$LOGS "$PY" -c "import torch" 2>/dev/null || LOGS=
 TORCH_LOGS=$LOGS timeout 300 "$PY" -m entrannas.bench \
     --configs $CONFIGS $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
-    --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > "$OUT/bench.stdout" 2> "$OUT/bench.log"
+    --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > /dev/null 2> "$OUT/bench.log"
 echo "bench exit status $?" >> "$OUT/bench.log"
 
 # 2. The compiled super-net equals the eager one on the GPU: CUDA graphs of the traced graphs, then
 #    inductor with CUDA graphs.
-for run in cudagraphs/default:60 "$BACKEND/reduce-overhead:100"; do
+for run in cudagraphs/default:45 "$BACKEND/reduce-overhead:60"; do
+    stage "tests $run"
     compile=${run%:*}
     log="$OUT/tests-compiled-$DEVICE-${compile//\//-}.txt"
     [ "$DEVICE" = cpu ] && compile=aot_eager/default   # the dry run: no CUDA graphs on the CPU
@@ -51,11 +59,14 @@ for run in cudagraphs/default:60 "$BACKEND/reduce-overhead:100"; do
 done
 # 3. A short search through the CLI with CUDA graphs: the epoch loop, the evaluation pass, a smaller
 #    last batch, the records (history.jsonl counts compiled and eager passes per epoch).
+stage search
+rm -rf /tmp/entrannas-search
 SEARCH_COMPILE=reduce-overhead
-[ "$BACKEND" = inductor ] || SEARCH_COMPILE=default
+[ "$SEARCH_BACKEND" = inductor ] || SEARCH_COMPILE=default
 timeout 45 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
-    --set compile="$SEARCH_COMPILE" --set compile_backend="$BACKEND" --set compile_after=2 $SEARCH_SIZE \
-    --set device="$DEVICE" --out "$OUT/search" > "$OUT/search.log" 2>&1
+    --set compile="$SEARCH_COMPILE" --set compile_backend="$SEARCH_BACKEND" --set compile_after=2 $SEARCH_SIZE \
+    --set device="$DEVICE" --out /tmp/entrannas-search > "$OUT/search.log" 2>&1
 echo "search exit status $?" >> "$OUT/search.log"
-rm -f "$OUT"/search/*.pt   # the checkpoint is not needed back
+tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search   # the checkpoint is not needed back
+stage done
 tail -n 12 "$OUT"/bench.log "$OUT"/tests-compiled-*.txt "$OUT/search.log"
