@@ -23,6 +23,12 @@ CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cudagraphs+bf16+cl dst+cudagrap
 entrannas+cudagraphs dst+cudagraphs entrannas+bf16+cl dst+bf16+cl darts+bf16+cl \
 entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
+# A shorter lease: STAGES="bench tests", BENCH_LIMIT (seconds), TEST_RUNS ("backend/mode:seconds ..."),
+# TESTS (pytest arguments).
+STAGES=${STAGES:-bench tests search}
+BENCH_LIMIT=${BENCH_LIMIT:-300}
+TEST_RUNS=${TEST_RUNS:-cudagraphs/default:45 $BACKEND/reduce-overhead:60}
+TESTS=${TESTS:-tests/test_compiled.py}
 BACKEND=${BACKEND:-inductor}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
@@ -33,40 +39,48 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
     > "$OUT/environment.txt" 2>&1
 
 stage() { echo "$(date -u +%T) $*" >> "$OUT/stages.txt"; }
+wanted() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
 # 1. Seconds per step, memory and projections, most wanted first (a cut-short stage keeps what it
 #    measured): the DARTS configuration (the ratio's base), the defaults eager, CUDA graphs of the
 #    traced graphs (quick to build) in bf16 and fp32, the eager fast paths, then inductor (slow to build).
-stage bench
-# perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
-LOGS=perf_hints
-TORCH_LOGS=$LOGS "$PY" -c "import torch" 2>/dev/null || LOGS=
-TORCH_LOGS=$LOGS timeout 300 "$PY" -m entrannas.bench \
-    --configs $CONFIGS $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
-    --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > /dev/null 2> "$OUT/bench.log"
-echo "bench exit status $?" >> "$OUT/bench.log"
+if wanted bench; then
+    stage bench
+    # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
+    LOGS=perf_hints
+    TORCH_LOGS=$LOGS "$PY" -c "import torch" 2>/dev/null || LOGS=
+    TORCH_LOGS=$LOGS timeout "$BENCH_LIMIT" "$PY" -m entrannas.bench \
+        --configs $CONFIGS $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
+        --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > /dev/null 2> "$OUT/bench.log"
+    echo "bench exit status $?" >> "$OUT/bench.log"
+fi
 
-# 2. The compiled super-net equals the eager one on the GPU: CUDA graphs of the traced graphs, then
-#    inductor with CUDA graphs.
-for run in cudagraphs/default:45 "$BACKEND/reduce-overhead:60"; do
-    stage "tests $run"
-    compile=${run%:*}
-    log="$OUT/tests-compiled-$DEVICE-${compile//\//-}.txt"
-    [ "$DEVICE" = cpu ] && compile=aot_eager/default   # the dry run: no CUDA graphs on the CPU
-    ENTRANNAS_TEST_DEVICE=$DEVICE ENTRANNAS_TEST_COMPILE=$compile timeout "${run##*:}" \
-        "$PY" -m pytest -q -p no:cacheprovider tests/test_compiled.py > "$log" 2>&1
-    echo "pytest exit status $?" >> "$log"
-done
+# 2. The compiled super-net equals the eager one on the GPU, per backend/mode in TEST_RUNS.
+if wanted tests; then
+    for run in $TEST_RUNS; do
+        stage "tests $run"
+        compile=${run%:*}
+        log="$OUT/tests-compiled-$DEVICE-${compile//\//-}.txt"
+        [ "$DEVICE" = cpu ] && compile=aot_eager/default   # the dry run: no CUDA graphs on the CPU
+        ENTRANNAS_TEST_DEVICE=$DEVICE ENTRANNAS_TEST_COMPILE=$compile timeout "${run##*:}" \
+            "$PY" -m pytest -q -p no:cacheprovider $TESTS > "$log" 2>&1
+        echo "pytest exit status $?" >> "$log"
+    done
+fi
+
 # 3. A short search through the CLI with CUDA graphs: the epoch loop, the evaluation pass, a smaller
 #    last batch, the records (history.jsonl counts compiled and eager passes per epoch).
-stage search
-rm -rf /tmp/entrannas-search
-SEARCH_COMPILE=reduce-overhead
-[ "$SEARCH_BACKEND" = inductor ] || SEARCH_COMPILE=default
-timeout 45 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
-    --set compile="$SEARCH_COMPILE" --set compile_backend="$SEARCH_BACKEND" --set compile_after=2 $SEARCH_SIZE \
-    --set device="$DEVICE" --out /tmp/entrannas-search > "$OUT/search.log" 2>&1
-echo "search exit status $?" >> "$OUT/search.log"
-tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search   # the checkpoint is not needed back
+if wanted search; then
+    stage search
+    rm -rf /tmp/entrannas-search
+    SEARCH_COMPILE=reduce-overhead
+    [ "$SEARCH_BACKEND" = inductor ] || SEARCH_COMPILE=default
+    timeout 45 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
+        --set compile="$SEARCH_COMPILE" --set compile_backend="$SEARCH_BACKEND" --set compile_after=2 \
+        $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > "$OUT/search.log" 2>&1
+    echo "search exit status $?" >> "$OUT/search.log"
+    # the checkpoint is not needed back
+    tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search
+fi
 stage done
-tail -n 12 "$OUT"/bench.log "$OUT"/tests-compiled-*.txt "$OUT/search.log"
+tail -n 12 "$OUT"/bench.log "$OUT"/tests-compiled-*.txt "$OUT"/search.log 2>/dev/null

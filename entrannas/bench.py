@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from .bilevel import BilevelOptimizer, full_precision
@@ -165,8 +166,6 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
 def _release(device: torch.device, compiled: bool) -> None:
     """Free what one configuration left behind, its compiled graphs and CUDA-graph pools included."""
     if compiled:
-        import torch._dynamo
-
         torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":

@@ -98,3 +98,15 @@ def test_a_failing_configuration_spares_the_others(capsys, monkeypatch, tmp_path
     assert rows[1] == {"config": "entrannas", "error": "RuntimeError: compiler exploded"}
     assert rows[2]["speedup_vs_darts"] > 0
     assert "failed: RuntimeError: compiler exploded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_releasing_a_configuration_runs_on_every_device_kind(compiled, monkeypatch):
+    """The clean-up between configurations once failed on CUDA only (a local import shadowed torch);
+    run its CUDA branch here with the cache release stubbed."""
+    import entrannas.bench
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    entrannas.bench._release(torch.device("cuda"), compiled=compiled)
+    assert released == [True]
