@@ -15,7 +15,9 @@ Each timed step does everything a search step does, the derivation of the struct
 With ``--frozen-arch`` the arch optimizer's learning rate is 0: the arithmetic is the same, but the
 derived structure cannot change while timing, as in a settled search (compiled graphs are reused).
 ``--check`` compares each configuration's logits and gradients after the warm-up with the plain
-fp32 eager path from the same weights, on the same device.
+fp32 eager path from the same weights, on the same device. ``--profile N`` profiles N more steps
+and records where their time goes: on a GPU the kernels by device time, on the CPU the aten ops
+by self time (the table prints the top few per configuration; the JSON keeps the top 25).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pathlib import Path
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from .bilevel import BilevelOptimizer, full_precision
 from .config import MODES, ConfigError, SearchConfig, check_device_support
@@ -115,6 +119,28 @@ def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
     return out
 
 
+def profile_steps(step, n: int, device: torch.device, top: int = 25) -> dict:
+    """Run ``step(i)`` n times under the profiler: per step, how many kernels (GPU) or aten ops (CPU,
+    nested calls included) ran and how long they took, with the ``top`` biggest by time."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(n):
+            step(i)
+        _sync(device)
+    if cuda:   # kernels (and copies) on the device, by their own device time
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        time_of = lambda e: e.self_device_time_total   # noqa: E731
+    else:
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        time_of = lambda e: e.self_cpu_time_total      # noqa: E731
+    total = sum(time_of(e) for e in events) or 1.0
+    events.sort(key=time_of, reverse=True)
+    return {"what": "CUDA kernels, self device time" if cuda else "aten ops, self CPU time",
+            "calls_per_step": sum(e.count for e in events) / n, "ms_per_step": total / 1000 / n,
+            "top": [{"name": e.key[:160], "calls_per_step": e.count / n, "ms_per_step": time_of(e) / 1000 / n,
+                     "share": time_of(e) / total} for e in events[:top]]}
+
+
 def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
@@ -158,6 +184,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "projected_50_epoch_minutes": projected / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
+    if args.profile:
+        row["profile"] = profile_steps(full_step, args.profile, device)
     if args.check:
         row["check"] = check_against_eager(opt, batches[0][1])
     return row
@@ -192,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--frozen-arch", action="store_true", help="arch lr 0 while timing: a settled structure")
     p.add_argument("--check", action="store_true", help="compare with the fp32 eager path after timing")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N more steps per config: kernels (GPU) or aten ops (CPU) by time")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each config)")
     args = p.parse_args(argv)
@@ -199,6 +229,8 @@ def main(argv=None) -> int:
         for name in ("layers", "channels", "batch_size", "image_size", "steps", "repeats", "warmup"):
             if getattr(args, name) < 1:
                 raise ConfigError("--" + name.replace("_", "-"), getattr(args, name), "must be >= 1")
+        if args.profile < 0:
+            raise ConfigError("--profile", args.profile, "must be >= 0 (0: no profile)")
         configs = [parse_label(label, args) for label in args.configs]
         device = resolve_device(args.device)
         for config in configs:
@@ -257,6 +289,13 @@ def table(rows: list[dict]) -> str:
                      f"{r['structures_while_timing']:>10}")
     lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
                  "when first seen, so use --frozen-arch for a settled search)")
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            lines.append(f"\n{r['config']}: {prof['calls_per_step']:.0f} {prof['what'].split(',')[0]} per step, "
+                         f"{prof['ms_per_step']:.1f} ms per step in them; the biggest:")
+            lines.extend(f"  {t['share']:6.1%} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:7.0f} x  {t['name'][:70]}"
+                         for t in prof["top"][:8])
     return "\n" + "\n".join(lines)
 
 

@@ -138,5 +138,7 @@ def test_a_search_step_waits_for_the_device_once():
                 torch.cuda.set_sync_debug_mode("default")
     assert net.derivations - before == 3
     if ON_CUDA:
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) == 3, [str(w.message) for w in syncs]
+        # One warning per synchronising call; the first use of the debug mode also warns that it is a
+        # prototype ("...does not yet detect all synchronizing operations"), which is not a sync.
+        syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+        assert len(syncs) == 3, [str(w.message) for w in caught]

@@ -65,10 +65,26 @@ def test_bench_prints_json_a_table_and_checks_each_fast_path(capsys, tmp_path):
     assert "s/step" in captured.err and "x darts" in captured.err and "dst+bf16" in captured.err
 
 
+def test_bench_profile_lists_where_a_step_spends_its_time(capsys):
+    assert bench_main(["--configs", "entrannas", "dst", "--layers", "3", "--channels", "4", "--batch-size", "4",
+                       "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1", "--profile", "2",
+                       "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    entrannas, dst = (r["profile"] for r in json.loads(captured.out)["results"])
+    for prof in (entrannas, dst):
+        times = [t["ms_per_step"] for t in prof["top"]]
+        assert times == sorted(times, reverse=True) and 0 < sum(times) <= prof["ms_per_step"] * (1 + 1e-9)
+        assert {"aten::convolution_backward", "aten::native_batch_norm"} <= {t["name"] for t in prof["top"]}
+    # DST's initial state keeps every op of every edge in its Transit-cells: more work per step.
+    assert dst["calls_per_step"] > entrannas["calls_per_step"]
+    assert "aten ops per step" in captured.err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--configs", "enas"], "--configs = 'enas': starts with a mode"),
     (["--configs", "dst+turbo"], "--configs = 'dst+turbo': unknown variant 'turbo'"),
     (["--steps", "0"], "--steps = 0: must be >= 1"),
+    (["--profile", "-1"], "--profile = -1: must be >= 0"),
     (["--configs", "dst+compile", "--compile-backend", "nope"], "compile_backend = 'nope': allowed:"),
     (["--configs", "dst", "dst+bf16+cl"], "channels_last = True: with precision bf16 on the CPU"),
 ])
