@@ -1,35 +1,44 @@
 #!/usr/bin/env bash
-# Everything issue 6 measures on a lent GPU, in one call (about 8 minutes at most):
+# Everything issue 6 measures on a lent GPU, in one call (about 8.5 minutes at most):
 #
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=480)
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
 #
-# Results go under $OUT (at most 8 files come back): the bench JSON (written after each
-# configuration, so a stage cut short keeps what it measured), its log and table, the compiled-path
-# tests run on the GPU, the short search (one archive), the environment and each stage's start time.
-# Ray is not needed; the device's image has pytest and tqdm (for a machine without them,
-# benchmarks/device_site.sh copies them into .device/site: carry ".device").
-# DEVICE, SIZE, SEARCH_SIZE, BACKEND and CONFIGS exist for a dry run on the CPU (it checks the
-# script, not the figures; the compiled tests may reach their time limits there; bf16 with
-# channels_last is refused on the CPU):
+# Stages (STAGES, each with its own time limit; a stage cut short keeps what it measured):
+#   bench     seconds per step, memory, projections, a check against fp32 eager and a kernel profile
+#             (--profile) per configuration: DARTS first (the ratios' base), the defaults eager,
+#             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
+#             of the NCHW ones), then CUDA graphs of the traced graphs (quick to build);
+#   inductor  the same with inductor's code generation and CUDA graphs (slow to build: its own limit);
+#   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "backend/mode:seconds ...");
+#   search    a 3-epoch search through the CLI with CUDA graphs (not in the default STAGES).
+# Results go under $OUT (at most 8 files come back): bench.json and inductor.json (written after each
+# configuration), their logs with the tables, the test logs, the search (one archive), the
+# environment with each stage's start time. Ray is not needed; the device's image has pytest and
+# tqdm (for a machine without them, benchmarks/device_site.sh copies them into .device/site: carry
+# ".device").
+# DEVICE, SIZE, SEARCH_SIZE, BACKEND, CONFIGS, INDUCTOR_CONFIGS and the limits exist for a dry run
+# on the CPU (it checks the script, not the figures; bf16 with channels_last is refused there):
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" PY=.venv/bin/python OUT=/tmp/dry \
-#   CONFIGS="darts entrannas dst entrannas+cudagraphs+bf16 dst+graphs+bf16" bash benchmarks/gpu_session.sh
+#   CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
+#   STAGES="bench inductor tests search" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
-CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cudagraphs+bf16+cl dst+cudagraphs+bf16+cl \
-entrannas+cudagraphs dst+cudagraphs entrannas+bf16+cl dst+bf16+cl darts+bf16+cl \
-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
-SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
-# A shorter lease: STAGES="bench tests", BENCH_LIMIT (seconds), TEST_RUNS ("backend/mode:seconds ..."),
-# TESTS (pytest arguments).
-STAGES=${STAGES:-bench tests search}
-BENCH_LIMIT=${BENCH_LIMIT:-300}
-TEST_RUNS=${TEST_RUNS:-cudagraphs/default:45 $BACKEND/reduce-overhead:60}
-TESTS=${TESTS:-tests/test_compiled.py}
 BACKEND=${BACKEND:-inductor}
+STAGES=${STAGES:-bench inductor tests}
+CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cl dst+cl dst+cudagraphs+bf16+cl \
+entrannas+cudagraphs+bf16+cl entrannas+cudagraphs+cl dst+cudagraphs+cl}
+BENCH_LIMIT=${BENCH_LIMIT:-270}
+INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
+INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-180}
+PROFILE=${PROFILE:-2}
+TEST_RUNS=${TEST_RUNS:-cudagraphs/default:60}
+TESTS=${TESTS:-tests/test_compiled.py::test_a_search_step_waits_for_the_device_once \
+tests/test_compiled.py::test_compiled_search_follows_the_eager_trajectory}
+SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,22 +47,23 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
 { date -u; nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda)"; } \
     > "$OUT/environment.txt" 2>&1
 
-stage() { echo "$(date -u +%T) $*" >> "$OUT/stages.txt"; }
+stage() { echo "stage $* at $(date -u +%T)" >> "$OUT/environment.txt"; }
 wanted() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
-# 1. Seconds per step, memory and projections, most wanted first (a cut-short stage keeps what it
-#    measured): the DARTS configuration (the ratio's base), the defaults eager, CUDA graphs of the
-#    traced graphs (quick to build) in bf16 and fp32, the eager fast paths, then inductor (slow to build).
-if wanted bench; then
-    stage bench
+bench() {   # bench NAME LIMIT CONFIGS...
+    local name=$1 limit=$2
+    shift 2
+    stage "$name"
     # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
-    LOGS=perf_hints
-    TORCH_LOGS=$LOGS "$PY" -c "import torch" 2>/dev/null || LOGS=
-    TORCH_LOGS=$LOGS timeout "$BENCH_LIMIT" "$PY" -m entrannas.bench \
-        --configs $CONFIGS $SIZE --steps 5 --repeats 3 --warmup 4 --compile-backend "$BACKEND" \
-        --frozen-arch --check --device "$DEVICE" --out "$OUT/bench.json" > /dev/null 2> "$OUT/bench.log"
-    echo "bench exit status $?" >> "$OUT/bench.log"
-fi
+    local logs=perf_hints
+    TORCH_LOGS=$logs "$PY" -c "import torch" 2>/dev/null || logs=
+    TORCH_LOGS=$logs timeout "$limit" "$PY" -m entrannas.bench --configs "$@" $SIZE --steps 5 --repeats 3 \
+        --warmup 4 --compile-backend "$BACKEND" --frozen-arch --check --profile "$PROFILE" --device "$DEVICE" \
+        --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"
+    echo "$name exit status $?" >> "$OUT/$name.log"
+}
+wanted bench && bench bench "$BENCH_LIMIT" $CONFIGS
+wanted inductor && bench inductor "$INDUCTOR_LIMIT" $INDUCTOR_CONFIGS
 
 # 2. The compiled super-net equals the eager one on the GPU, per backend/mode in TEST_RUNS.
 if wanted tests; then
@@ -83,4 +93,5 @@ if wanted search; then
     tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search
 fi
 stage done
-tail -n 12 "$OUT"/bench.log "$OUT"/tests-compiled-*.txt "$OUT"/search.log 2>/dev/null
+grep -h -A14 "^config " "$OUT"/bench.log "$OUT"/inductor.log 2>/dev/null
+tail -n 4 "$OUT"/bench.log "$OUT"/inductor.log "$OUT"/tests-compiled-*.txt "$OUT"/search.log 2>/dev/null

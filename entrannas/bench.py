@@ -257,12 +257,30 @@ def main(argv=None) -> int:
         for r in rows:
             if "error" not in r:
                 r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
+        add_payback(rows, args.warmup)
         if args.out is not None:
             write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
         _release(device, compiled=config.compile != "off")
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def add_payback(rows: list[dict], warmup_steps: int) -> None:
+    """For each compiled configuration timed beside its eager twin (same mode, precision and layout):
+    how long building its graphs took (the warm-up beyond its steps) and after how many steps at one
+    structure that time is won back (``None`` when compiling is not faster)."""
+    eager = {(r["mode"], r["precision"], r["channels_last"]): r
+             for r in rows if "error" not in r and r["compile"] == "off"}
+    for r in rows:
+        twin = eager.get((r.get("mode"), r.get("precision"), r.get("channels_last")))
+        if "error" in r or r["compile"] == "off" or twin is None:
+            continue
+        build = max(r["warmup_seconds"] - warmup_steps * r["seconds_per_step"], 0.0)
+        saved = twin["seconds_per_step"] - r["seconds_per_step"]
+        r["compile_seconds"] = build
+        r["payback"] = {"versus": twin["config"], "saved_per_step": saved,
+                        "steps": build / saved if saved > 0 else None}
 
 
 def _command_line(argv) -> str:
@@ -289,6 +307,13 @@ def table(rows: list[dict]) -> str:
                      f"{r['structures_while_timing']:>10}")
     lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
                  "when first seen, so use --frozen-arch for a settled search)")
+    for r in rows:
+        pay = r.get("payback")
+        if pay:
+            won = (f"won back after {pay['steps']:.0f} steps at one structure" if pay["steps"] is not None
+                   else "never won back")
+            lines.append(f"{r['config']}: {r['compile_seconds']:.1f} s to build; {pay['saved_per_step'] * 1e3:.1f} ms "
+                         f"per step saved against {pay['versus']}: {won}")
     for r in rows:
         prof = r.get("profile")
         if prof:

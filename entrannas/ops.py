@@ -3,6 +3,10 @@
 Every constructor has one signature, ``(C, stride, affine) -> nn.Module``, and keeps
 the channel count; ``stride`` 2 halves the resolution. The names and layer choices are
 those of the DARTS code, so that published genotypes build with the same parameters.
+
+The ops that begin with a ReLU (``ReLUFirst``) can also run from an input already passed through
+it (``forward_from_relu``): a search cell feeds several of them the same source, and applies
+that ReLU once instead of once per op (the same values, fewer kernels and saved activations).
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ from torch import nn
 OpFactory = Callable[[int, int, bool], nn.Module]
 
 
-class ReLUConvBN(nn.Sequential):
+class ReLUFirst:
+    """An op whose first step is a ReLU of its input: ``op(x) == op.forward_from_relu(relu(x))``."""
+
+    def forward_from_relu(self, r: torch.Tensor) -> torch.Tensor:
+        """For an ``nn.Sequential`` whose first module is the ReLU: the rest of it."""
+        for module in list(self)[1:]:
+            r = module(r)
+        return r
+
+
+class ReLUConvBN(ReLUFirst, nn.Sequential):
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -24,7 +38,7 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class DilConv(nn.Sequential):
+class DilConv(ReLUFirst, nn.Sequential):
     """ReLU, depthwise dilated conv, pointwise conv, BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -37,7 +51,7 @@ class DilConv(nn.Sequential):
         )
 
 
-class SepConv(nn.Sequential):
+class SepConv(ReLUFirst, nn.Sequential):
     """Two stacked DilConvs with dilation 1, the first carrying the stride (as DARTS)."""
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
@@ -45,6 +59,9 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_in, kernel, stride, padding, 1, affine),
             DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
         )
+
+    def forward_from_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].forward_from_relu(r))
 
 
 class Zero(nn.Module):
@@ -60,7 +77,7 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
-class FactorizedReduce(nn.Module):
+class FactorizedReduce(ReLUFirst, nn.Module):
     """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True):
@@ -73,19 +90,24 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.forward_from_relu(self.relu(x))
+
+    def forward_from_relu(self, r: torch.Tensor) -> torch.Tensor:
         # The second conv sees the input shifted by one pixel; odd sizes are padded so both halves agree.
-        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        shifted = nn.functional.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1))
 
 
-def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:
-    return nn.Sequential(
-        nn.ReLU(inplace=False),
-        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-        nn.BatchNorm2d(C, affine=affine),
-    )
+class Conv7x1x7(ReLUFirst, nn.Sequential):
+    """ReLU, a 1x7 and a 7x1 conv, BN (the DARTS ``conv_7x1_1x7``)."""
+
+    def __init__(self, C: int, stride: int, affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+            nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+            nn.BatchNorm2d(C, affine=affine),
+        )
 
 
 OPS: dict[str, OpFactory] = {
@@ -98,7 +120,7 @@ OPS: dict[str, OpFactory] = {
     "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine),
     "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
     "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
-    "conv_7x1_1x7": _conv_7x1_1x7,
+    "conv_7x1_1x7": Conv7x1x7,
 }
 
 #: The eight candidates of the DARTS search space, in the DARTS order.

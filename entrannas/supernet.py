@@ -5,21 +5,25 @@ and, for every intermediate node, which of them to sum. An Engine-cell weights t
 coefficients gathered from the differentiable architecture weights; a Transit-cell adds up the ops
 of the derived set, so no gradient reaches alpha through it. The derived structure (every cell's
 plan) is read on the host once per change of alpha, beta or tau, and may be compiled
-(``entrannas.compiled``).
+(``entrannas.compiled``). Work that is the same arithmetic is done once: each op feature once per
+source (feature sharing), the ReLU that begins the conv ops once per source, and a Transit-cell's
+sum of one source's ops once for all the nodes that take it.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import derive
 from .genotype import N_INPUTS, Genotype, genotype_from_masks
-from .ops import FactorizedReduce, ReLUConvBN, build_op
+from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
 
 if TYPE_CHECKING:
     from .compiled import CompiledStructures
@@ -67,7 +71,11 @@ class CellPlan:
     ``terms[j]``, the ``(slot, source state, lo, hi)`` into node j, whose coefficients are
     ``coef[lo:hi]``, one per op of the slot; ``rows``/``cols`` index those coefficients in an
     ``[E, K]`` weight matrix. A Transit-cell adds up the derived ops themselves (SPEC 2: no
-    coefficients): ``kept[j]`` lists the ``(slot, source state, op)`` summed into node j.
+    coefficients): ``kept[j]`` lists the ``(slot, source state, op)`` summed into node j. Summed per
+    source first: ``groups`` are the distinct ``(slot, source state, ops)`` partial sums and
+    ``node_groups[j]`` the ones node j adds up, so that a partial sum several nodes take (DST's dense
+    cells: every op of a source into every later node) is added once, and its gradient is
+    accumulated once rather than once per op.
     """
 
     def __init__(self, mask: torch.Tensor, n_nodes: int, sharing: bool, device: torch.device):
@@ -91,6 +99,16 @@ class CellPlan:
             self.kept[j] += [(slot, i, k) for k in kept[e]]
             rows += [e] * len(ks)
             cols += ks
+        self.groups: list[tuple[int, int, tuple[int, ...]]] = []
+        self.node_groups: list[list[int]] = []
+        index: dict[tuple[int, int, tuple[int, ...]], int] = {}
+        for node_kept in self.kept:
+            by_source: dict[tuple[int, int], list[int]] = {}
+            for slot, i, k in node_kept:
+                by_source.setdefault((slot, i), []).append(k)
+            self.node_groups.append([index.setdefault((slot, i, tuple(ks)), len(index))
+                                     for (slot, i), ks in by_source.items()])
+        self.groups = sorted(index, key=index.__getitem__)
         for j, node_terms in enumerate(self.terms):
             if not node_terms:
                 raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
@@ -143,30 +161,46 @@ class SearchCell(nn.Module):
         ``coef=None`` a Transit-cell's: the plain sum of the derived ops."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         squeezed: dict[int, torch.Tensor] = {}
+        activated: dict[int, torch.Tensor] = {}
 
         def source(i: int) -> torch.Tensor:
             if i not in squeezed:
                 squeezed[i] = states[i] if self.squeeze is None else self.squeeze[i](states[i])
             return squeezed[i]
 
-        features: dict = {}   # Engine: slot -> [n_ops, B, C, H, W]; Transit: (slot, op) -> [B, C, H, W]
-        for j in range(self.n_nodes):
-            node = None
-            if coef is None:
-                for slot, i, k in plan.kept[j]:
-                    term = features.get((slot, k))
-                    if term is None:
-                        term = features[slot, k] = self.ops[slot][k](source(i))
-                    node = term if node is None else node + term
-            else:
+        def run(slot: int, i: int, k: int) -> torch.Tensor:
+            op = self.ops[slot][k]
+            if isinstance(op, ReLUFirst):   # one ReLU per source for all the ops that begin with one
+                if i not in activated:
+                    activated[i] = F.relu(source(i))
+                return op.forward_from_relu(activated[i])
+            return op(source(i))
+
+        if coef is None:
+            features: dict[tuple[int, int], torch.Tensor] = {}   # (slot, op) -> [B, C, H, W]
+            partial: dict[int, torch.Tensor] = {}                # group -> the sum of its ops
+            for j in range(self.n_nodes):
+                node = None
+                for g in plan.node_groups[j]:
+                    if g not in partial:
+                        slot, i, ks = plan.groups[g]
+                        for k in ks:
+                            if (slot, k) not in features:
+                                features[slot, k] = run(slot, i, k)
+                        partial[g] = functools.reduce(torch.add, (features[slot, k] for k in ks))
+                    node = partial[g] if node is None else node + partial[g]
+                states.append(node if self.expand is None else self.expand[j](node))
+        else:
+            stacked: dict[int, torch.Tensor] = {}                # slot -> [n_ops, B, C, H, W]
+            for j in range(self.n_nodes):
+                node = None
                 for slot, i, lo, hi in plan.terms[j]:
-                    feats = features.get(slot)
-                    if feats is None:
-                        ops, x = self.ops[slot], source(i)
-                        feats = features[slot] = torch.stack([ops[k](x) for k in plan.slot_ops[slot]])
+                    if slot not in stacked:
+                        stacked[slot] = torch.stack([run(slot, i, k) for k in plan.slot_ops[slot]])
+                    feats = stacked[slot]
                     term = torch.tensordot(coef[lo:hi].to(feats.dtype), feats, dims=1)    # [B, C, H, W]
                     node = term if node is None else node + term
-            states.append(node if self.expand is None else self.expand[j](node))
+                states.append(node if self.expand is None else self.expand[j](node))
         return torch.cat(states[N_INPUTS:], dim=1)
 
 

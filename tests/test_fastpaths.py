@@ -126,3 +126,23 @@ def test_releasing_a_configuration_runs_on_every_device_kind(compiled, monkeypat
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
     entrannas.bench._release(torch.device("cuda"), compiled=compiled)
     assert released == [True]
+
+
+def test_payback_weighs_graph_building_against_the_time_each_step_saves():
+    from entrannas.bench import add_payback, table
+
+    def row(config, compile, seconds, warmup, precision="bf16"):
+        return {"config": config, "mode": "dst", "precision": precision, "channels_last": True, "compile": compile,
+                "seconds_per_step": seconds, "warmup_seconds": warmup, "speedup_vs_darts": None,
+                "peak_memory_mb": None, "projected_50_epoch_minutes": 1.0, "structures_while_timing": 1}
+
+    rows = [row("dst+bf16+cl", "off", 0.2, 0.8), row("dst+graphs+bf16+cl", "reduce-overhead", 0.1, 10.4),
+            row("dst+compile+bf16+cl", "default", 0.25, 5.0), row("dst+graphs+cl", "reduce-overhead", 0.1, 9.0, "fp32")]
+    add_payback(rows, warmup_steps=4)
+    assert rows[1]["compile_seconds"] == pytest.approx(10.0)          # 10.4 s less its 4 steps of 0.1 s
+    assert rows[1]["payback"] == {"versus": "dst+bf16+cl", "saved_per_step": pytest.approx(0.1),
+                                  "steps": pytest.approx(100.0)}
+    assert rows[2]["payback"]["steps"] is None                          # slower than eager: never
+    assert "payback" not in rows[0] and "payback" not in rows[3]       # eager; no fp32 eager twin timed
+    text = table(rows)
+    assert "won back after 100 steps" in text and "never won back" in text

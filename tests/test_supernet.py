@@ -6,7 +6,7 @@ import torch
 from entrannas import derive
 from entrannas.genotype import N_INPUTS
 from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
-from entrannas.ops import DARTS_PRIMITIVES
+from entrannas.ops import DARTS_PRIMITIVES, ReLUFirst
 
 from conftest import tiny_config, tiny_net
 
@@ -82,12 +82,16 @@ def test_entrannas_engine_cell_is_the_softmax_mixture(sharing):
 
 
 def count_calls(cell):
+    """How often each (slot, op) ran, by its forward or (ops that begin with a ReLU, fed one ReLU
+    per source) by its forward_from_relu."""
     calls = {}
     hooks = []
     for slot, ops in enumerate(cell.ops):
         for k, op in enumerate(ops):
-            hooks.append(op.register_forward_hook(
-                lambda m, a, o, key=(slot, k): calls.__setitem__(key, calls.get(key, 0) + 1)))
+            bump = lambda key=(slot, k): calls.__setitem__(key, calls.get(key, 0) + 1)   # noqa: E731
+            hooks.append(op.register_forward_hook(lambda m, a, o, bump=bump: bump()))
+            if isinstance(op, ReLUFirst):
+                op.forward_from_relu = lambda r, inner=op.forward_from_relu, bump=bump: (bump(), inner(r))[1]
     return calls, hooks
 
 
@@ -235,3 +239,46 @@ def test_cached_structure_follows_the_current_alpha():
     fresh = net.derived_masks(net.arch_weights(detach=True))
     assert torch.equal(net.last_masks[0], fresh[0]) and net.last_masks[0][0].nonzero().tolist() == [
         [net.primitives.index("sep_conv_3x3")]]
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that run (by name, without overload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_a_cell_applies_one_relu_per_source(sharing):
+    """Every conv op begins with a ReLU of its source; the cell computes it once per source."""
+    cell = make_cell(DST_PRIMS, sharing, engine=True)
+    mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
+    s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    with torch.no_grad(), CountOps() as ops:
+        run_cell(mask, cell, torch.rand(14, len(DST_PRIMS)), s0, s1, engine=True)
+    n_sources, n_sep_convs = 5, 2   # sep_conv_3x3/5x5 have a second ReLU inside, on their own feature
+    n_slots = n_sources if sharing else 14
+    assert ops.counts["relu"] == 2 + n_sources + n_sep_convs * n_slots   # 2: the preprocessing
+
+
+def test_a_dense_transit_cell_sums_each_source_once():
+    """DST's initial structure keeps every op of every edge: node j adds up the ops of each source,
+    summed once per source and shared by the nodes it feeds; the output is still the plain sum."""
+    cell = make_cell(DST_PRIMS, sharing=True, engine=False)
+    mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
+    s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    with torch.no_grad(), CountOps() as ops:
+        out = run_cell(mask, cell, None, s0, s1, engine=False)
+    K = len(DST_PRIMS)
+    per_source = 5 * (K - 1)          # 5 sources, each summed over its K ops once
+    across = 1 + 2 + 3 + 4            # node j adds the sums of its 2 + j sources
+    assert ops.counts["add"] == per_source + across   # (one add per (edge, op) would be 94)
+    with torch.no_grad():
+        ref = reference_cell(cell, s0, s1, lambda e, k: 1.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
