@@ -67,15 +67,17 @@ class CellPlan:
     """What one cell computes for one derived structure (``mask[e, k]``: op k on edge e is used).
 
     With feature sharing a *slot* is a source state (ops indexed by source node, SPEC 3); without it,
-    a slot is an edge. An Engine-cell computes ``slot_ops[s]`` (op indices) on slot s, stacked, and sums
-    ``terms[j]``, the ``(slot, source state, lo, hi)`` into node j, whose coefficients are
-    ``coef[lo:hi]``, one per op of the slot; ``rows``/``cols`` index those coefficients in an
-    ``[E, K]`` weight matrix. A Transit-cell adds up the derived ops themselves (SPEC 2: no
-    coefficients): ``kept[j]`` lists the ``(slot, source state, op)`` summed into node j. Summed per
-    source first: ``groups`` are the distinct ``(slot, source state, ops)`` partial sums and
-    ``node_groups[j]`` the ones node j adds up, so that a partial sum several nodes take (DST's dense
-    cells: every op of a source into every later node) is added once, and its gradient is
-    accumulated once rather than once per op.
+    a slot is an edge. An Engine-cell computes ``slot_ops[s]`` (op indices) on slot s, stacked, and
+    mixes them for every node that takes the slot in one matrix product: ``mixes[m]`` is
+    ``(slot, source state, lo, n_rows, n_ops)``, whose coefficients ``coef[lo:lo + n_rows * n_ops]``
+    form an ``[n_rows, n_ops]`` matrix, one row per node; ``terms[j]`` lists the ``(mix, row)`` node
+    j adds up. ``rows``/``cols`` index those coefficients in an ``[E, K]`` weight matrix.
+
+    A Transit-cell adds up the derived ops themselves (SPEC 2: no coefficients): ``kept[j]`` lists
+    the ``(slot, source state, op)`` summed into node j. Summed per source first: ``groups`` are the
+    distinct ``(slot, source state, ops)`` partial sums and ``node_groups[j]`` the ones node j adds
+    up, so that a partial sum several nodes take (DST's dense cells: every op of a source into every
+    later node) is added once, and its gradient is accumulated once rather than once per op.
     """
 
     def __init__(self, mask: torch.Tensor, n_nodes: int, sharing: bool, device: torch.device):
@@ -83,38 +85,53 @@ class CellPlan:
         slot_of_edge = [i if sharing else e for e, (i, _) in enumerate(layout)]
         kept = [[k for k, on in enumerate(row) if on] for row in mask.tolist()]   # per edge
         used: dict[int, set[int]] = {}
-        for e, ks in enumerate(kept):
-            if ks:
-                used.setdefault(slot_of_edge[e], set()).update(ks)
-        self.slot_ops = {s: tuple(sorted(ks)) for s, ks in used.items()}
-        self.terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_nodes)]
+        uses: dict[int, list[int]] = {}          # slot -> the kept edges that take it, in edge order
         self.kept: list[list[tuple[int, int, int]]] = [[] for _ in range(n_nodes)]
-        rows, cols = [], []
         for e, (i, j) in enumerate(layout):
-            if not kept[e]:
-                continue
-            slot = slot_of_edge[e]
+            if kept[e]:
+                used.setdefault(slot_of_edge[e], set()).update(kept[e])
+                uses.setdefault(slot_of_edge[e], []).append(e)
+                self.kept[j] += [(slot_of_edge[e], i, k) for k in kept[e]]
+        self.slot_ops = {s: tuple(sorted(ks)) for s, ks in used.items()}
+
+        self.mixes: list[tuple[int, int, int, int, int]] = []
+        self.terms: list[list[tuple[int, int]]] = [[] for _ in range(n_nodes)]
+        rows, cols = [], []
+        for slot, edges in uses.items():         # a slot's coefficient rows are contiguous
             ks = self.slot_ops[slot]
-            self.terms[j].append((slot, i, len(rows), len(rows) + len(ks)))
-            self.kept[j] += [(slot, i, k) for k in kept[e]]
-            rows += [e] * len(ks)
-            cols += ks
-        self.groups: list[tuple[int, int, tuple[int, ...]]] = []
-        self.node_groups: list[list[int]] = []
+            for r, e in enumerate(edges):
+                self.terms[layout[e][1]].append((len(self.mixes), r))
+            self.mixes.append((slot, layout[edges[0]][0], len(rows), len(edges), len(ks)))
+            for e in edges:
+                rows += [e] * len(ks)
+                cols += ks
+        for node_terms in self.terms:            # sources in order, as the edges are
+            node_terms.sort(key=lambda t: self.mixes[t[0]][1])
+
         index: dict[tuple[int, int, tuple[int, ...]], int] = {}
+        self.node_groups: list[list[int]] = []
         for node_kept in self.kept:
             by_source: dict[tuple[int, int], list[int]] = {}
             for slot, i, k in node_kept:
                 by_source.setdefault((slot, i), []).append(k)
             self.node_groups.append([index.setdefault((slot, i, tuple(ks)), len(index))
                                      for (slot, i), ks in by_source.items()])
-        self.groups = sorted(index, key=index.__getitem__)
-        for j, node_terms in enumerate(self.terms):
-            if not node_terms:
+        self.groups: list[tuple[int, int, tuple[int, ...]]] = sorted(index, key=index.__getitem__)
+        for j, node_kept in enumerate(self.kept):
+            if not node_kept:
                 raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
                                              "(non-finite architecture parameters?)")
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)
+
+
+def weighted_sums(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """``[n, K]`` weights times stacked features ``[K, B, C, H, W]`` -> ``[n, B, C, H, W]``, one
+    matrix product in the features' memory order (channels_last stays channels_last, with no copy)."""
+    one = feats[0]
+    if not one.is_contiguous() and one.is_contiguous(memory_format=torch.channels_last):
+        return torch.tensordot(weights, feats.permute(0, 1, 3, 4, 2), dims=1).permute(0, 1, 4, 2, 3)
+    return torch.tensordot(weights, feats, dims=1)
 
 
 @dataclass(frozen=True)
@@ -191,15 +208,16 @@ class SearchCell(nn.Module):
                     node = partial[g] if node is None else node + partial[g]
                 states.append(node if self.expand is None else self.expand[j](node))
         else:
-            stacked: dict[int, torch.Tensor] = {}                # slot -> [n_ops, B, C, H, W]
+            mixed: dict[int, torch.Tensor] = {}                  # mix -> [n_rows, B, C, H, W]
             for j in range(self.n_nodes):
                 node = None
-                for slot, i, lo, hi in plan.terms[j]:
-                    if slot not in stacked:
-                        stacked[slot] = torch.stack([run(slot, i, k) for k in plan.slot_ops[slot]])
-                    feats = stacked[slot]
-                    term = torch.tensordot(coef[lo:hi].to(feats.dtype), feats, dims=1)    # [B, C, H, W]
-                    node = term if node is None else node + term
+                for m, r in plan.terms[j]:
+                    if m not in mixed:
+                        slot, i, lo, n_rows, n_ops = plan.mixes[m]
+                        feats = torch.stack([run(slot, i, k) for k in plan.slot_ops[slot]])
+                        weights = coef[lo:lo + n_rows * n_ops].view(n_rows, n_ops).to(feats.dtype)
+                        mixed[m] = weighted_sums(weights, feats)
+                    node = mixed[m][r] if node is None else node + mixed[m][r]
                 states.append(node if self.expand is None else self.expand[j](node))
         return torch.cat(states[N_INPUTS:], dim=1)
 

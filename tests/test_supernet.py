@@ -282,3 +282,30 @@ def test_a_dense_transit_cell_sums_each_source_once():
     with torch.no_grad():
         ref = reference_cell(cell, s0, s1, lambda e, k: 1.0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weighted_sums_mix_stacked_features_in_their_memory_order(channels_last):
+    from entrannas.supernet import weighted_sums
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = torch.stack([torch.randn(2, 3, 4, 5).contiguous(memory_format=fmt) for _ in range(6)])
+    weights = torch.randn(3, 6)
+    out = weighted_sums(weights, feats)
+    torch.testing.assert_close(out, torch.einsum("nk,kbchw->nbchw", weights, feats))
+    assert all(o.is_contiguous(memory_format=fmt) for o in out)
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_an_engine_cell_mixes_each_slot_for_all_its_nodes_at_once(sharing):
+    """One matrix product per slot (per source with feature sharing), not one per edge."""
+    cell = make_cell(DST_PRIMS, sharing, engine=True)
+    mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
+    s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    weights = torch.rand(14, len(DST_PRIMS))
+    with torch.no_grad(), CountOps() as ops:
+        out = run_cell(mask, cell, weights, s0, s1, engine=True)
+    assert ops.counts["mm"] == (5 if sharing else 14)
+    with torch.no_grad():
+        ref = reference_cell(cell, s0, s1, lambda e, k: weights[e, k])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
