@@ -18,6 +18,9 @@ derived structure cannot change while timing, as in a settled search (compiled g
 fp32 eager path from the same weights, on the same device. ``--profile N`` profiles N more steps
 and records where their time goes: on a GPU the kernels by device time, on the CPU the aten ops
 by self time (the table prints the top few per configuration; the JSON keeps the top 25).
+``--count-ops`` counts, for one more step of each eager configuration, the aten ops that launch a
+kernel (views and allocations left out) and the bytes their tensors hold (inputs and outputs): a
+measure of the work that does not depend on the machine, for comparing code changes on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import platform
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -37,6 +41,8 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .bilevel import BilevelOptimizer, full_precision
 from .config import MODES, ConfigError, SearchConfig, check_device_support
@@ -141,6 +147,33 @@ def profile_steps(step, n: int, device: torch.device, top: int = 25) -> dict:
                      "share": time_of(e) / total} for e in events[:top]]}
 
 
+class _OpCounter(TorchDispatchMode):
+    NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+        self.bytes: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.NO_KERNEL:
+            self.calls[name] += 1
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                                    if isinstance(t, torch.Tensor))
+        return out
+
+
+def count_ops(step, top: int = 12) -> dict:
+    """The aten ops of one ``step(0)`` that launch a kernel, and the bytes of their tensors."""
+    with _OpCounter() as counter:
+        step(0)
+    return {"ops_per_step": sum(counter.calls.values()), "gb_per_step": sum(counter.bytes.values()) / 1e9,
+            "top": [{"op": name, "calls": n, "gb": counter.bytes[name] / 1e9}
+                    for name, n in counter.calls.most_common(top)]}
+
+
 def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
@@ -184,6 +217,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "projected_50_epoch_minutes": projected / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
+    if args.count_ops and config.compile == "off":
+        row["op_count"] = count_ops(full_step)
     if args.profile:
         row["profile"] = profile_steps(full_step, args.profile, device)
     if args.check:
@@ -222,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="compare with the fp32 eager path after timing")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps per config: kernels (GPU) or aten ops (CPU) by time")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count the kernel-launching aten ops and their bytes in one step (eager configs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each config)")
     args = p.parse_args(argv)
@@ -307,6 +344,13 @@ def table(rows: list[dict]) -> str:
                      f"{r['structures_while_timing']:>10}")
     lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
                  "when first seen, so use --frozen-arch for a settled search)")
+    counted = [r for r in rows if r.get("op_count")]
+    if counted:
+        lines.append("")
+    for r in counted:
+        c = r["op_count"]
+        lines.append(f"{r['config']}: {c['ops_per_step']} kernel-launching ops per step, {c['gb_per_step']:.2f} GB "
+                     f"in their tensors; most: " + ", ".join(f"{t['op']} {t['calls']}" for t in c["top"][:4]))
     for r in rows:
         pay = r.get("payback")
         if pay:

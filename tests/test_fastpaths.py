@@ -80,6 +80,23 @@ def test_bench_profile_lists_where_a_step_spends_its_time(capsys):
     assert "aten ops per step" in captured.err
 
 
+def test_bench_counts_the_kernels_and_bytes_of_a_step(capsys):
+    assert bench_main(["--configs", "darts", "entrannas", "dst", "entrannas+compile", "--compile-backend", "eager",
+                       "--layers", "3", "--channels", "4", "--batch-size", "4", "--image-size", "8", "--steps", "1",
+                       "--repeats", "1", "--warmup", "1", "--count-ops", "--device", "cpu", "--frozen-arch"]) == 0
+    captured = capsys.readouterr()
+    darts, entrannas, dst, compiled = json.loads(captured.out)["results"]
+    counts = [r["op_count"] for r in (darts, entrannas, dst)]
+    assert "op_count" not in compiled                       # counted on the eager path only
+    for c in counts:
+        assert c["ops_per_step"] >= sum(t["calls"] for t in c["top"]) > 0 and c["gb_per_step"] > 0
+        assert {"convolution", "convolution_backward", "native_batch_norm"} <= {t["op"] for t in c["top"]}
+        assert not {"view", "detach", "empty"} & {t["op"] for t in c["top"]}   # no kernel of their own
+    # The super-net's own work: DARTS runs every op everywhere, DST's dense start more than EnTranNAS.
+    assert counts[0]["ops_per_step"] > counts[2]["ops_per_step"] > counts[1]["ops_per_step"]
+    assert "kernel-launching ops per step" in captured.err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--configs", "enas"], "--configs = 'enas': starts with a mode"),
     (["--configs", "dst+turbo"], "--configs = 'dst+turbo': unknown variant 'turbo'"),
