@@ -6,8 +6,9 @@ coefficients gathered from the differentiable architecture weights; a Transit-ce
 of the derived set, so no gradient reaches alpha through it. The derived structure (every cell's
 plan) is read on the host once per change of alpha, beta or tau, and may be compiled
 (``entrannas.compiled``). Work that is the same arithmetic is done once: each op feature once per
-source (feature sharing), the ReLU that begins the conv ops once per source, and a Transit-cell's
-sum of one source's ops once for all the nodes that take it.
+source (feature sharing), the ReLU that begins the conv ops once per source, an Engine-cell's
+weighting of one source's ops for all its nodes in one matrix product, and a Transit-cell's sum of
+one source's ops once for all the nodes that take it.
 """
 
 from __future__ import annotations
