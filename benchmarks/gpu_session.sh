@@ -14,8 +14,7 @@
 # Results go under $OUT (at most 8 files come back): bench.json and inductor.json (written after each
 # configuration), their logs with the tables, the test logs, the search (one archive), the
 # environment with each stage's start time. Ray is not needed; the device's image has pytest and
-# tqdm (for a machine without them, benchmarks/device_site.sh copies them into .device/site: carry
-# ".device").
+# tqdm (seen on the H200 machines, 2026-11-28).
 # DEVICE, SIZE, SEARCH_SIZE, BACKEND, CONFIGS, INDUCTOR_CONFIGS and the limits exist for a dry run
 # on the CPU (it checks the script, not the figures; bf16 with channels_last is refused there):
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
@@ -42,7 +41,6 @@ SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -d .device/site ] && export PYTHONPATH="$PYTHONPATH:$PWD/.device/site"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inductor}
 { date -u; nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda)"; } \
     > "$OUT/environment.txt" 2>&1

@@ -141,13 +141,17 @@ def profile_steps(step, n: int, device: torch.device, top: int = 25) -> dict:
         time_of = lambda e: e.self_cpu_time_total      # noqa: E731
     total = sum(time_of(e) for e in events) or 1.0
     events.sort(key=time_of, reverse=True)
-    return {"what": "CUDA kernels, self device time" if cuda else "aten ops, self CPU time",
+    return {"events": "CUDA kernels" if cuda else "aten ops",
+            "timed_by": "self device time" if cuda else "self CPU time",
             "calls_per_step": sum(e.count for e in events) / n, "ms_per_step": total / 1000 / n,
             "top": [{"name": e.key[:160], "calls_per_step": e.count / n, "ms_per_step": time_of(e) / 1000 / n,
                      "share": time_of(e) / total} for e in events[:top]]}
 
 
-class _OpCounter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """While active, counts the aten ops that launch a kernel (``calls``, by op name) and the bytes of
+    their input and output tensors (``bytes``); views and allocations are left out."""
+
     NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "lift_fresh"}
 
     def __init__(self):
@@ -167,7 +171,7 @@ class _OpCounter(TorchDispatchMode):
 
 def count_ops(step, top: int = 12) -> dict:
     """The aten ops of one ``step(0)`` that launch a kernel, and the bytes of their tensors."""
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         step(0)
     return {"ops_per_step": sum(counter.calls.values()), "gb_per_step": sum(counter.bytes.values()) / 1e9,
             "top": [{"op": name, "calls": n, "gb": counter.bytes[name] / 1e9}
@@ -361,10 +365,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         prof = r.get("profile")
         if prof:
-            lines.append(f"\n{r['config']}: {prof['calls_per_step']:.0f} {prof['what'].split(',')[0]} per step, "
+            lines.append(f"\n{r['config']}: {prof['calls_per_step']:.0f} {prof['events']} per step, "
                          f"{prof['ms_per_step']:.1f} ms per step in them; the biggest:")
-            lines.extend(f"  {t['share']:6.1%} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:7.0f} x  {t['name'][:70]}"
-                         for t in prof["top"][:8])
+            lines.extend(f"  {t['share']:6.1%} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:7.0f} x  "
+                         f"{t['name'][:70]}" for t in prof["top"][:8])
     return "\n" + "\n".join(lines)
 
 

@@ -22,6 +22,14 @@ import torch
 #: ``torch.compile`` modes; the ones that capture CUDA graphs replay a whole pass as one launch.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: Steps in a row at one derived structure before it is compiled. Compiling pays only once a
+#: structure has run long enough to win back the time spent building its graphs; waiting that long
+#: first (the ski-rental rule) costs at most twice the best choice made in hindsight. On an H200,
+#: EnTranNAS with CUDA graphs and bf16 wins back its ~51 s of building after ~370 steps
+#: (BENCHMARKS.md), hence 400.
+DEFAULT_AFTER = 400
+#: At most this many derived structures are compiled; later ones run eagerly.
+DEFAULT_CAPACITY = 16
 
 
 def compile_backends() -> list[str]:
@@ -38,7 +46,7 @@ class CompiledStructures:
     compiler; each is traced once per kind of pass)."""
 
     def __init__(self, fn: Callable, mode: str = "default", backend: Union[str, Callable] = "inductor",
-                 after: int = 10, capacity: int = 16):
+                 after: int = DEFAULT_AFTER, capacity: int = DEFAULT_CAPACITY):
         if mode not in COMPILE_MODES or mode == "off":
             raise ValueError(f"compile mode {mode!r}: allowed {', '.join(COMPILE_MODES[1:])}")
         if after < 1 or capacity < 1:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .compiled import COMPILE_MODES, compile_backends
+from .compiled import COMPILE_MODES, DEFAULT_AFTER, DEFAULT_CAPACITY, compile_backends
 from .ops import DARTS_PRIMITIVES, OPS
 from .temperature import SCHEDULES
 
@@ -151,13 +151,8 @@ class SearchConfig(FlatConfig):
     channels_last: bool = False         # NHWC memory format for the model and its inputs
     compile: str = "off"                # off | default | reduce-overhead (CUDA graphs) | max-autotune | ...
     compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code
-    # Steps in a row at one derived structure before it is compiled. Compiling pays only once a
-    # structure has run long enough to win back the time spent building its graphs; waiting that long
-    # first (the ski-rental rule) costs at most twice the best choice made in hindsight. On an H200,
-    # EnTranNAS with CUDA graphs and bf16 wins back its ~51 s of building after ~370 steps
-    # (BENCHMARKS.md), hence 400.
-    compile_after: int = 400
-    compile_cache: int = 16             # most derived structures compiled; later ones run eagerly
+    compile_after: int = DEFAULT_AFTER  # steps in a row at one structure before it is compiled (why: compiled.py)
+    compile_cache: int = DEFAULT_CAPACITY   # most derived structures compiled; later ones run eagerly
 
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":

@@ -16,18 +16,16 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import derive
+from .compiled import DEFAULT_AFTER, DEFAULT_CAPACITY, CompiledStructures
 from .genotype import N_INPUTS, Genotype, genotype_from_masks
 from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
-
-if TYPE_CHECKING:
-    from .compiled import CompiledStructures
 
 ARCH_PARAMETER_NAMES = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
 
@@ -98,7 +96,9 @@ class CellPlan:
         self.mixes: list[tuple[int, int, int, int, int]] = []
         self.terms: list[list[tuple[int, int]]] = [[] for _ in range(n_nodes)]
         rows, cols = [], []
-        for slot, edges in uses.items():         # a slot's coefficient rows are contiguous
+        # Slots in order of their first edge, so each node's terms come source by source, as its edges
+        # do; a slot's coefficient rows are contiguous.
+        for slot, edges in uses.items():
             ks = self.slot_ops[slot]
             for r, e in enumerate(edges):
                 self.terms[layout[e][1]].append((len(self.mixes), r))
@@ -106,8 +106,6 @@ class CellPlan:
             for e in edges:
                 rows += [e] * len(ks)
                 cols += ks
-        for node_terms in self.terms:            # sources in order, as the edges are
-            node_terms.sort(key=lambda t: self.mixes[t[0]][1])
 
         index: dict[tuple[int, int, tuple[int, ...]], int] = {}
         self.node_groups: list[list[int]] = []
@@ -288,7 +286,7 @@ class SearchNetwork(nn.Module):
         self._arch_updates = 0
         self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_structure: Optional[Structure] = None   # what the last forward ran
-        self.compiled: Optional["CompiledStructures"] = None
+        self.compiled: Optional[CompiledStructures] = None
         use_batch_statistics(self)
         if spec.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -429,12 +427,10 @@ class SearchNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, plan, w[plan.rows, plan.cols] if cell.engine else None)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
-    def compile_structures(self, mode: str = "default", backend: str = "inductor", after: int = 10,
-                           capacity: int = 16) -> None:
+    def compile_structures(self, mode: str = "default", backend: str = "inductor", after: int = DEFAULT_AFTER,
+                           capacity: int = DEFAULT_CAPACITY) -> None:
         """Run each derived structure through ``torch.compile`` once it has been used ``after``
         times in a row (see ``entrannas.compiled``); ``mode="off"`` goes back to eager."""
-        from .compiled import CompiledStructures
-
         self.compiled = None if mode == "off" else CompiledStructures(self.run_structure, mode, backend,
                                                                       after, capacity)
 

@@ -26,6 +26,7 @@ def test_channels_last_matches_the_eager_path(mode):
     logits, arch, weights = outputs_and_grads(mode)
     logits_cl, arch_cl, weights_cl = outputs_and_grads(mode, channels_last=True)
     torch.testing.assert_close(logits_cl, logits, rtol=1e-4, atol=1e-5)
+    assert (len(arch_cl), len(weights_cl)) == (len(arch), len(weights))
     for a, b in zip(arch_cl, arch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     for a, b in zip(weights_cl, weights):

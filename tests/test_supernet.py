@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from entrannas import derive
+from entrannas.bench import OpCounter
 from entrannas.genotype import N_INPUTS
 from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
 from entrannas.ops import DARTS_PRIMITIVES, ReLUFirst
@@ -241,30 +242,17 @@ def test_cached_structure_follows_the_current_alpha():
         [net.primitives.index("sep_conv_3x3")]]
 
 
-class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops that run (by name, without overload)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("sharing", [True, False])
 def test_a_cell_applies_one_relu_per_source(sharing):
     """Every conv op begins with a ReLU of its source; the cell computes it once per source."""
     cell = make_cell(DST_PRIMS, sharing, engine=True)
     mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
     s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
-    with torch.no_grad(), CountOps() as ops:
+    with torch.no_grad(), OpCounter() as ops:
         run_cell(mask, cell, torch.rand(14, len(DST_PRIMS)), s0, s1, engine=True)
     n_sources, n_sep_convs = 5, 2   # sep_conv_3x3/5x5 have a second ReLU inside, on their own feature
     n_slots = n_sources if sharing else 14
-    assert ops.counts["relu"] == 2 + n_sources + n_sep_convs * n_slots   # 2: the preprocessing
+    assert ops.calls["relu"] == 2 + n_sources + n_sep_convs * n_slots   # 2: the preprocessing
 
 
 def test_a_dense_transit_cell_sums_each_source_once():
@@ -273,12 +261,12 @@ def test_a_dense_transit_cell_sums_each_source_once():
     cell = make_cell(DST_PRIMS, sharing=True, engine=False)
     mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
     s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
-    with torch.no_grad(), CountOps() as ops:
+    with torch.no_grad(), OpCounter() as ops:
         out = run_cell(mask, cell, None, s0, s1, engine=False)
     K = len(DST_PRIMS)
     per_source = 5 * (K - 1)          # 5 sources, each summed over its K ops once
     across = 1 + 2 + 3 + 4            # node j adds the sums of its 2 + j sources
-    assert ops.counts["add"] == per_source + across   # (one add per (edge, op) would be 94)
+    assert ops.calls["add"] == per_source + across   # (one add per (edge, op) would be 94)
     with torch.no_grad():
         ref = reference_cell(cell, s0, s1, lambda e, k: 1.0)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -303,9 +291,9 @@ def test_an_engine_cell_mixes_each_slot_for_all_its_nodes_at_once(sharing):
     mask = torch.ones(14, len(DST_PRIMS), dtype=torch.bool)
     s0, s1 = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
     weights = torch.rand(14, len(DST_PRIMS))
-    with torch.no_grad(), CountOps() as ops:
+    with torch.no_grad(), OpCounter() as ops:
         out = run_cell(mask, cell, weights, s0, s1, engine=True)
-    assert ops.counts["mm"] == (5 if sharing else 14)
+    assert ops.calls["mm"] == (5 if sharing else 14)
     with torch.no_grad():
         ref = reference_cell(cell, s0, s1, lambda e, k: weights[e, k])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
