@@ -1,43 +1,44 @@
 #!/usr/bin/env bash
-# Everything issue 6 measures on a lent GPU, in one call (about 8.5 minutes at most):
+# Everything issue 6 measures on a lent GPU, in one call (about 9 minutes at most):
 #
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=570)
 #
 # Stages (STAGES, each with its own time limit; a stage cut short keeps what it measured):
 #   bench     seconds per step, memory, projections, a check against fp32 eager and a kernel profile
-#             (--profile) per configuration: DARTS first (the ratios' base), the defaults eager,
+#             (--profile) per configuration: DARTS first (the ratios' base), the defaults eager, CUDA
+#             graphs recorded from the eager kernels (compile: capture; built in a few passes), then
 #             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
-#             of the NCHW ones), then CUDA graphs of the traced graphs (quick to build);
-#   inductor  the same with inductor's code generation and CUDA graphs (slow to build: its own limit);
-#   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "backend/mode:seconds ...");
-#   search    a 3-epoch search through the CLI with CUDA graphs (not in the default STAGES).
+#             of the NCHW ones);
+#   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "capture:seconds" or "backend/mode:seconds");
+#   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE);
+#   inductor  inductor's code generation with CUDA graphs (slow to build: its own limit).
 # Results go under $OUT (at most 8 files come back): bench.json and inductor.json (written after each
 # configuration), their logs with the tables, the test logs, the search (one archive), the
 # environment with each stage's start time. Ray is not needed; the device's image has pytest and
 # tqdm (seen on the H200 machines, 2026-11-28).
 # DEVICE, SIZE, SEARCH_SIZE, BACKEND, CONFIGS, INDUCTOR_CONFIGS and the limits exist for a dry run
-# on the CPU (it checks the script, not the figures; bf16 with channels_last is refused there):
+# on the CPU (it checks the script, not the figures; capture, and bf16 with channels_last, are
+# refused there):
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
-#   SEARCH_SIZE="--set layers=3 --set init_channels=4" PY=.venv/bin/python OUT=/tmp/dry \
-#   CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
-#   STAGES="bench inductor tests search" bash benchmarks/gpu_session.sh
+#   SEARCH_SIZE="--set layers=3 --set init_channels=4" SEARCH_COMPILE=off PY=.venv/bin/python \
+#   OUT=/tmp/dry CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
+#   bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 BACKEND=${BACKEND:-inductor}
-STAGES=${STAGES:-bench inductor tests}
-CONFIGS=${CONFIGS:-darts entrannas dst entrannas+cl dst+cl dst+cudagraphs+bf16+cl \
-entrannas+cudagraphs+bf16+cl entrannas+cudagraphs+cl dst+cudagraphs+cl}
-BENCH_LIMIT=${BENCH_LIMIT:-270}
+STAGES=${STAGES:-bench tests search inductor}
+CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl entrannas+capture \
+dst+capture entrannas+cl dst+cl entrannas+capture+cl dst+capture+cl}
+BENCH_LIMIT=${BENCH_LIMIT:-240}
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
-INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-180}
+INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-120}
 PROFILE=${PROFILE:-2}
-TEST_RUNS=${TEST_RUNS:-cudagraphs/default:60}
-TESTS=${TESTS:-tests/test_compiled.py::test_a_search_step_waits_for_the_device_once \
-tests/test_compiled.py::test_compiled_search_follows_the_eager_trajectory}
-SEARCH_BACKEND=${SEARCH_BACKEND:-cudagraphs}
+TEST_RUNS=${TEST_RUNS:-capture:100}
+TESTS=${TESTS:-tests/test_compiled.py}
+SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,15 +62,15 @@ bench() {   # bench NAME LIMIT CONFIGS...
     echo "$name exit status $?" >> "$OUT/$name.log"
 }
 wanted bench && bench bench "$BENCH_LIMIT" $CONFIGS
-wanted inductor && bench inductor "$INDUCTOR_LIMIT" $INDUCTOR_CONFIGS
 
-# 2. The compiled super-net equals the eager one on the GPU, per backend/mode in TEST_RUNS.
+# 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS.
 if wanted tests; then
     for run in $TEST_RUNS; do
         stage "tests $run"
         compile=${run%:*}
-        log="$OUT/tests-compiled-$DEVICE-${compile//\//-}.txt"
         [ "$DEVICE" = cpu ] && compile=aot_eager/default   # the dry run: no CUDA graphs on the CPU
+        log=${run%:*}
+        log="$OUT/tests-$DEVICE-${log//\//-}.txt"
         ENTRANNAS_TEST_DEVICE=$DEVICE ENTRANNAS_TEST_COMPILE=$compile timeout "${run##*:}" \
             "$PY" -m pytest -q -p no:cacheprovider $TESTS > "$log" 2>&1
         echo "pytest exit status $?" >> "$log"
@@ -77,19 +78,18 @@ if wanted tests; then
 fi
 
 # 3. A short search through the CLI with CUDA graphs: the epoch loop, the evaluation pass, a smaller
-#    last batch, the records (history.jsonl counts compiled and eager passes per epoch).
+#    last batch, the records (history.jsonl counts graphed and eager passes per epoch).
 if wanted search; then
     stage search
     rm -rf /tmp/entrannas-search
-    SEARCH_COMPILE=reduce-overhead
-    [ "$SEARCH_BACKEND" = inductor ] || SEARCH_COMPILE=default
-    timeout 45 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
-        --set compile="$SEARCH_COMPILE" --set compile_backend="$SEARCH_BACKEND" --set compile_after=2 \
+    timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
+        --set compile="$SEARCH_COMPILE" --set compile_after=2 \
         $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > "$OUT/search.log" 2>&1
     echo "search exit status $?" >> "$OUT/search.log"
     # the checkpoint is not needed back
     tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search
 fi
+wanted inductor && bench inductor "$INDUCTOR_LIMIT" $INDUCTOR_CONFIGS
 stage done
-grep -h -A14 "^config " "$OUT"/bench.log "$OUT"/inductor.log 2>/dev/null
-tail -n 4 "$OUT"/bench.log "$OUT"/inductor.log "$OUT"/tests-compiled-*.txt "$OUT"/search.log 2>/dev/null
+grep -h -A16 "^config " "$OUT"/bench.log "$OUT"/inductor.log 2>/dev/null
+tail -n 4 "$OUT"/bench.log "$OUT"/inductor.log "$OUT"/tests-*.txt "$OUT"/search.log 2>/dev/null

@@ -8,6 +8,7 @@ placement, sharing and bottleneck ratio, optionally followed by fast-path varian
 ``+``: ``bf16`` (autocast), ``cl`` (channels_last), ``compile`` (torch.compile), ``graphs``
 (torch.compile with CUDA graphs, mode reduce-overhead), ``cudagraphs`` (CUDA graphs of the traced
 graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
+``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile: built in a few passes),
 e.g. ``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
 after each configuration) and a short table. Ratios are only meaningful within one run.
 
@@ -45,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .bilevel import BilevelOptimizer, full_precision
+from .compiled import CAPTURE
 from .config import MODES, ConfigError, SearchConfig, check_device_support
 from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels
@@ -58,6 +60,7 @@ VARIANTS = {
     "graphs": {"compile": "reduce-overhead"},
     "cudagraphs": {"compile": "default", "compile_backend": "cudagraphs"},
     "autotune": {"compile": "max-autotune"},
+    "capture": {"compile": CAPTURE},
 }
 
 
@@ -72,7 +75,7 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
         if v not in VARIANTS:
             raise ConfigError("--configs", label, f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}")
         changes.update(VARIANTS[v])
-    if changes["compile"] != "off" and changes["compile_backend"] != "inductor":
+    if changes["compile"] not in ("off", CAPTURE) and changes["compile_backend"] != "inductor":
         changes["compile"] = "default"   # the other modes are inductor's
     return SearchConfig(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
                         batch_size=args.batch_size, epochs=50, arch_warmup_epochs=15, compile_after=1,

@@ -52,8 +52,12 @@ class BilevelOptimizer:
         return self.lambda_ * derive.dst_regularizer(torch.cat([m.beta_normal, m.beta_reduce]))
 
     def autocast(self, x: torch.Tensor):
-        """bf16 autocast for forward passes when ``precision: bf16`` (losses stay fp32)."""
-        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 autocast for forward passes when ``precision: bf16`` (losses stay fp32).
+
+        Without autocast's weight cache: recording CUDA graphs (``compile: capture``) refuses it, and a
+        super-net pass casts each weight once anyway."""
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                              cache_enabled=False)
 
     def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(x):

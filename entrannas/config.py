@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .compiled import COMPILE_MODES, DEFAULT_AFTER, DEFAULT_CAPACITY, compile_backends
+from .compiled import CAPTURE, COMPILE_MODES, DEFAULT_CAPACITY, compile_backends, default_after
 from .ops import DARTS_PRIMITIVES, OPS
 from .temperature import SCHEDULES
 
@@ -39,6 +39,9 @@ def check_device_support(config: "SearchConfig", device) -> None:
 
     Only the device a job runs on can tell (a sweep's trials may run on other machines than its
     driver), so jobs call this once they know their device."""
+    if config.compile == CAPTURE and device.type != "cuda":
+        raise ConfigError("compile", config.compile,
+                          f"records CUDA graphs, so it needs a CUDA device; this job runs on {device}")
     if device.type == "cpu" and config.precision == "bf16" and config.channels_last:
         # Measured with torch 2.14.1: a bf16 channels_last depthwise 5x5 conv with dilation 2 on 4
         # channels (dil_conv_5x5 after the bottleneck) gets NaN weight gradients at 32x32 inputs.
@@ -149,16 +152,19 @@ class SearchConfig(FlatConfig):
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
     channels_last: bool = False         # NHWC memory format for the model and its inputs
-    compile: str = "off"                # off | default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile: str = "off"                # off | capture (CUDA graphs, no torch.compile) | default |
+    #                                     reduce-overhead (CUDA graphs) | max-autotune | ... (torch.compile modes)
     compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code
-    compile_after: int = DEFAULT_AFTER  # steps in a row at one structure before it is compiled (why: compiled.py)
-    compile_cache: int = DEFAULT_CAPACITY   # most derived structures compiled; later ones run eagerly
+    compile_after: Optional[int] = None  # steps in a row at one structure before it is built (compiled.py;
+    #                                      default 400 for torch.compile, 10 for capture)
+    compile_cache: int = DEFAULT_CAPACITY   # most derived structures built (capture: most recently used kept)
 
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":
         """Fill the ``None`` fields from the dataset and mode defaults, then validate everything."""
         self._check_choices()
-        resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode]})
+        resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode],
+                               "compile_after": default_after(self.compile)})
         if self.mode == "dst" and "none" in resolved.primitives:
             # In DST sparsity is learned by the thresholds, so 'none' is no candidate (SPEC 4).
             resolved = dataclasses.replace(
@@ -219,9 +225,14 @@ class SearchConfig(FlatConfig):
                               f"normal cells are {sorted(set(range(self.layers)) - reductions)}")
 
     def _check_compile(self) -> None:
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError("compile", self.compile, f"allowed: {', '.join(COMPILE_MODES)}")
-        if self.compile == "off":
+        if self.compile not in COMPILE_MODES + (CAPTURE,):
+            raise ConfigError("compile", self.compile, f"allowed: {', '.join(COMPILE_MODES + (CAPTURE,))}")
+        if self.compile == CAPTURE and self.unrolled:
+            raise ConfigError("compile", self.compile,
+                              "records the first-order step's passes; the unrolled step (unrolled: true) runs "
+                              "the net on virtual weights that recorded graphs would not read; use another "
+                              "compile setting or unrolled: false")
+        if self.compile in ("off", CAPTURE):
             return
         backends = compile_backends()
         if self.compile_backend not in backends:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import derive
-from .compiled import DEFAULT_AFTER, DEFAULT_CAPACITY, CompiledStructures
+from .compiled import CAPTURE, DEFAULT_CAPACITY, CapturedStructures, CompiledStructures, HotStructures, default_after
 from .genotype import N_INPUTS, Genotype, genotype_from_masks
 from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
 
@@ -286,7 +286,7 @@ class SearchNetwork(nn.Module):
         self._arch_updates = 0
         self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_structure: Optional[Structure] = None   # what the last forward ran
-        self.compiled: Optional[CompiledStructures] = None
+        self.compiled: Optional[HotStructures] = None
         use_batch_statistics(self)
         if spec.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -427,16 +427,24 @@ class SearchNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, plan, w[plan.rows, plan.cols] if cell.engine else None)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
-    def compile_structures(self, mode: str = "default", backend: str = "inductor", after: int = DEFAULT_AFTER,
+    def compile_structures(self, mode: str = "default", backend: str = "inductor", after: Optional[int] = None,
                            capacity: int = DEFAULT_CAPACITY) -> None:
-        """Run each derived structure through ``torch.compile`` once it has been used ``after``
-        times in a row (see ``entrannas.compiled``); ``mode="off"`` goes back to eager."""
-        self.compiled = None if mode == "off" else CompiledStructures(self.run_structure, mode, backend,
-                                                                      after, capacity)
+        """Run each derived structure through ``torch.compile``, or with ``mode="capture"`` record it as
+        CUDA graphs, once it has been used ``after`` times in a row (default: ``default_after(mode)``;
+        see ``entrannas.compiled``); ``mode="off"`` goes back to eager."""
+        after = default_after(mode) if after is None else after
+        if mode == "off":
+            self.compiled = None
+        elif mode == CAPTURE:
+            self.compiled = CapturedStructures(self.run_structure, self, after, capacity)
+        else:
+            self.compiled = CompiledStructures(self.run_structure, mode, backend, after, capacity)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting the parameters makes the cached structure's key meaningless (and may
         # replace the parameter objects).
         self._structure = None
         self._param_lists = None
+        if getattr(self, "compiled", None) is not None:
+            self.compiled.clear()   # recorded graphs read the parameters they were recorded with
         return super()._apply(fn, *args, **kwargs)

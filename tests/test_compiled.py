@@ -2,8 +2,10 @@
 
 On the CPU the graphs go through dynamo and AOTAutograd with the ``aot_eager`` backend (inductor's
 C++ code generation takes minutes here); ``ENTRANNAS_TEST_DEVICE=cuda`` runs the same tests with
-inductor and CUDA graphs, ``ENTRANNAS_TEST_COMPILE=cudagraphs/default`` with another backend/mode
-(``benchmarks/gpu_session.sh`` runs both).
+inductor and CUDA graphs, ``ENTRANNAS_TEST_COMPILE=cudagraphs/default`` with another backend/mode,
+``ENTRANNAS_TEST_COMPILE=capture`` with CUDA graphs recorded without torch.compile
+(``benchmarks/gpu_session.sh`` runs them). The policy of ``compile: capture`` (when to record, which
+recordings to keep) is checked on the CPU with a stand-in recorder.
 """
 
 import os
@@ -12,17 +14,20 @@ import warnings
 import pytest
 import torch
 
+from torch import nn
+
 from entrannas.bilevel import BilevelOptimizer
-from entrannas.compiled import CompiledStructures
+from entrannas.compiled import CAPTURE_AFTER, DEFAULT_AFTER, CapturedStructures, CompiledStructures
+from entrannas.config import ConfigError, check_device_support
 from entrannas.supernet import Structure
 
 from conftest import tiny_batch, tiny_config, tiny_net
 
 DEVICE = torch.device(os.environ.get("ENTRANNAS_TEST_DEVICE", "cpu"))
 ON_CUDA = DEVICE.type == "cuda"
-# BACKEND/MODE, e.g. cudagraphs/default; the default is inductor with CUDA graphs on a GPU.
-_backend, _mode = os.environ.get("ENTRANNAS_TEST_COMPILE",
-                                 "inductor/reduce-overhead" if ON_CUDA else "aot_eager/default").split("/")
+# BACKEND/MODE, e.g. cudagraphs/default, or capture; the default is inductor with CUDA graphs on a GPU.
+_setting = os.environ.get("ENTRANNAS_TEST_COMPILE", "inductor/reduce-overhead" if ON_CUDA else "aot_eager/default")
+_backend, _mode = ("inductor", "capture") if _setting == "capture" else _setting.split("/")
 COMPILE = dict(mode=_mode, backend=_backend)
 # Inductor reorders float arithmetic and may pick other conv algorithms; aot_eager runs the same kernels.
 TOL = dict(rtol=1e-3, atol=1e-4) if ON_CUDA else dict(rtol=1e-5, atol=1e-6)
@@ -61,7 +66,31 @@ def test_compiled_pass_matches_eager_outputs_and_gradients(mode):
                 torch.testing.assert_close(a, b, **TOL)
         for net in (eager, fast):
             net.zero_grad(set_to_none=True)
-    assert fast.compiled.stats["compiled_calls"] == 2 and fast.compiled.stats["eager_calls"] == 0
+    with torch.no_grad():                    # evaluation: a forward-only pass
+        out = [net(x, arch_grad=False) for net in (eager, fast)]
+    torch.testing.assert_close(out[1], out[0], **TOL)
+    assert fast.compiled.stats["compiled_calls"] == 3 and fast.compiled.stats["eager_calls"] == 0
+
+
+def test_compiled_bf16_passes_match_eager_bf16():
+    """Under the bi-level optimizer's bf16 autocast (capture refuses autocast's weight cache)."""
+    eager, fast = pair("dst")
+    opts = [BilevelOptimizer(net, tiny_config(mode="dst", precision="bf16")) for net in (eager, fast)]
+    x, y = batch(1)
+    results = []
+    for opt in opts:
+        with opt.model.frozen_weights():
+            arch_loss, _ = opt.arch_loss(x, y)
+        arch_loss.backward()
+        weight_loss, logits = opt.weight_loss(x, y)
+        weight_loss.backward()
+        results.append((logits.float(), torch.cat([p.grad.flatten() for p in opt.model.parameters()
+                                                   if p.grad is not None])))
+    (fast_logits, fast_grads), (eager_logits, eager_grads) = results[1], results[0]
+    assert fast_grads.shape == eager_grads.shape
+    assert (fast_logits - eager_logits).abs().max() <= 2e-2 * eager_logits.abs().max()
+    assert torch.nn.functional.cosine_similarity(fast_grads, eager_grads, dim=0) > 0.99
+    assert fast.compiled.stats["eager_calls"] == 0
 
 
 def test_compiled_search_follows_the_eager_trajectory():
@@ -142,3 +171,97 @@ def test_a_search_step_waits_for_the_device_once():
         # prototype ("...does not yet detect all synchronizing operations"), which is not a sync.
         syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
         assert len(syncs) == 3, [str(w.message) for w in caught]
+
+
+def _structures(names):
+    return [Structure(masks=(), plans=(name,), key=name.encode()) for name in names]
+
+
+def recording_runner(after=2, capacity=2, net=None):
+    """A ``CapturedStructures`` whose recorder is a stand-in that notes what it was asked to record."""
+    recorded = []
+
+    def record(fn, net, plans, args, pool):
+        recorded.append(plans[0])
+        return lambda *a: "graph " + plans[0]
+
+    net = net if net is not None else nn.Linear(1, 1)
+    runner = CapturedStructures(lambda plans, x: "eager " + plans[0], net, after=after, capacity=capacity,
+                                capture=record)
+    return runner, recorded
+
+
+def test_capture_records_a_hot_structure_and_keeps_the_most_recently_used():
+    runner, recorded = recording_runner(after=2, capacity=2)
+    a, b, c = _structures("abc")
+    x = torch.zeros(1)
+    seen = [runner(s, x) for s in (a, a, a, b, b, a, c, c, a, b, b)]
+    assert seen == ["eager a", "graph a", "graph a", "eager b", "graph b", "graph a",
+                    "eager c", "graph c",    # recording c drops b, the least recently used
+                    "graph a", "eager b", "graph b"]   # b is recorded again and drops c (a ran after c)
+    assert recorded == ["a", "b", "c", "b"]
+    assert runner.stats == {"compiles": 4, "captures": 4, "evictions": 2, "compiled_calls": 7, "eager_calls": 4}
+    assert runner(c, x) == "eager c"
+
+
+def test_capture_records_each_kind_of_pass_and_frozen_weights_are_another_kind():
+    net = nn.Linear(1, 1)
+    runner, recorded = recording_runner(after=1, capacity=4, net=net)
+    (a,) = _structures("a")
+    x = torch.zeros(1)
+    assert runner(a, x) == "graph a"
+    net.weight.requires_grad_(False)      # the arch step freezes the weights: other gradients to record
+    assert runner(a, x) == "graph a"
+    with torch.no_grad():
+        assert runner(a, x) == "graph a"
+    net.weight.requires_grad_(True)
+    assert runner(a, x) == "graph a"
+    assert recorded == ["a", "a", "a"] and runner.stats["compiles"] == 1 and runner.stats["captures"] == 3
+
+
+def test_moving_the_net_forgets_its_recordings():
+    net = tiny_net(seed=0, mode="entrannas")
+    runner, recorded = recording_runner(after=1, net=net)
+    net.compiled = runner
+    (a,) = _structures("a")
+    x = torch.zeros(1)
+    runner(a, x)
+    net.to(torch.float64)                 # new parameter tensors: the recordings would read the old ones
+    assert runner(a, x) == "graph a" and recorded == ["a", "a"]
+
+
+def test_capture_needs_a_cuda_device_and_the_first_order_step():
+    config = tiny_config(compile="capture")
+    assert config.compile_after == CAPTURE_AFTER and tiny_config(compile="default").compile_after == DEFAULT_AFTER
+    with pytest.raises(ConfigError, match="compile = 'capture': records CUDA graphs, so it needs a CUDA device"):
+        check_device_support(config, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="compile = 'capture': records the first-order step's passes"):
+        tiny_config(compile="capture", unrolled=True)
+    if ON_CUDA:
+        check_device_support(config, DEVICE)
+
+
+def test_the_recorder_hands_make_graphed_callables_the_pass_and_leaf_copies_of_its_inputs(monkeypatch):
+    """The wiring of ``capture_cuda_graphs`` on the CPU: make_graphed_callables (CUDA only) is replaced
+    by a stand-in that checks what it gets and returns the module unrecorded."""
+    import entrannas.compiled as compiled
+
+    calls = []
+
+    def stand_in(module, sample_args, num_warmup_iters, allow_unused_input, pool):
+        assert all(a.is_leaf for a in sample_args) and allow_unused_input
+        calls.append(([a.requires_grad for a in sample_args], {p.requires_grad for p in module.parameters()}))
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    eager, fast = tiny_net(seed=0, mode="dst"), tiny_net(seed=0, mode="dst")
+    fast.compiled = CapturedStructures(fast.run_structure, fast, after=1, capture=compiled.capture_cuda_graphs)
+    opts = [BilevelOptimizer(net, tiny_config(mode="dst")) for net in (eager, fast)]
+    for step in range(2):
+        for opt in opts:
+            opt.step(batch(step), batch(100 + step), update_arch=True)
+    for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # the arch pass (weights frozen: only alpha and beta require grad) and the weight pass
+    assert calls == [([False, True, True], {False, True}), ([False, False, False], {True})]
+    assert fast.compiled.stats["compiled_calls"] == 4
