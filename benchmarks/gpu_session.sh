@@ -9,11 +9,14 @@
 #             graphs recorded from the eager kernels (compile: capture; built in a few passes), then
 #             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
 #             of the NCHW ones);
+#   churn     the same without --frozen-arch: the derived architecture changes while timing (random
+#             data: the arch gradient is noise), so each new structure runs eagerly or is recorded
+#             anew, except with masked Transit-cells (one structure whatever the mask);
 #   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "capture:seconds" or "backend/mode:seconds");
 #   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE);
 #   inductor  inductor's code generation with CUDA graphs (slow to build: its own limit).
-# Results go under $OUT (at most 8 files come back): bench.json and inductor.json (written after each
-# configuration), their logs with the tables, the test logs, the search (one archive), the
+# Results go under $OUT (at most 8 files come back): bench.json, churn.json and inductor.json
+# (written after each configuration), one log with their tables, the test logs, the search (one archive), the
 # environment with each stage's start time. Ray is not needed; the device's image has pytest and
 # tqdm (seen on the H200 machines, 2026-11-28).
 # DEVICE, SIZE, SEARCH_SIZE, BACKEND, CONFIGS, INDUCTOR_CONFIGS and the limits exist for a dry run
@@ -22,21 +25,24 @@
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" SEARCH_COMPILE=off PY=.venv/bin/python \
 #   OUT=/tmp/dry CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
-#   bash benchmarks/gpu_session.sh
+#   CHURN_CONFIGS="entrannas entrannas+masked" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 BACKEND=${BACKEND:-inductor}
-STAGES=${STAGES:-bench tests search inductor}
-CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl entrannas+capture \
-dst+capture entrannas+cl dst+cl entrannas+capture+cl dst+capture+cl}
+STAGES=${STAGES:-bench churn tests search inductor}
+CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl \
+entrannas+masked+capture+bf16+cl entrannas+capture dst+capture entrannas+cl dst+cl entrannas+capture+cl \
+dst+capture+cl}
 BENCH_LIMIT=${BENCH_LIMIT:-240}
+CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+bf16+cl entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
+CHURN_LIMIT=${CHURN_LIMIT:-60}
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-120}
 PROFILE=${PROFILE:-2}
-TEST_RUNS=${TEST_RUNS:-capture:100}
+TEST_RUNS=${TEST_RUNS:-capture:120}
 TESTS=${TESTS:-tests/test_compiled.py}
 SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
 mkdir -p "$OUT"
@@ -49,19 +55,21 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
 stage() { echo "stage $* at $(date -u +%T)" >> "$OUT/environment.txt"; }
 wanted() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
-bench() {   # bench NAME LIMIT CONFIGS...
-    local name=$1 limit=$2
-    shift 2
+bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
+    local name=$1 limit=$2 flags=$3
+    shift 3
     stage "$name"
     # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
     local logs=perf_hints
     TORCH_LOGS=$logs "$PY" -c "import torch" 2>/dev/null || logs=
-    TORCH_LOGS=$logs timeout "$limit" "$PY" -m entrannas.bench --configs "$@" $SIZE --steps 5 --repeats 3 \
-        --warmup 4 --compile-backend "$BACKEND" --frozen-arch --check --profile "$PROFILE" --device "$DEVICE" \
-        --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"
-    echo "$name exit status $?" >> "$OUT/$name.log"
+    echo "=== stage $name" >> "$OUT/bench.log"   # one log for every bench stage (few files come back)
+    TORCH_LOGS=$logs timeout "$limit" "$PY" -m entrannas.bench --configs "$@" $SIZE $flags \
+        --compile-backend "$BACKEND" --device "$DEVICE" --out "$OUT/$name.json" > /dev/null 2>> "$OUT/bench.log"
+    echo "$name exit status $?" >> "$OUT/bench.log"
 }
-wanted bench && bench bench "$BENCH_LIMIT" $CONFIGS
+SETTLED="--steps 5 --repeats 3 --warmup 4 --frozen-arch --check --profile $PROFILE"
+wanted bench && bench bench "$BENCH_LIMIT" "$SETTLED" $CONFIGS
+wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4" $CHURN_CONFIGS
 
 # 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS.
 if wanted tests; then
@@ -81,15 +89,15 @@ fi
 #    last batch, the records (history.jsonl counts graphed and eager passes per epoch).
 if wanted search; then
     stage search
-    rm -rf /tmp/entrannas-search
+    rm -rf /tmp/entrannas-search /tmp/search.log
     timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
         --set compile="$SEARCH_COMPILE" --set compile_after=2 \
-        $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > "$OUT/search.log" 2>&1
-    echo "search exit status $?" >> "$OUT/search.log"
-    # the checkpoint is not needed back
-    tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search
+        $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > /tmp/search.log 2>&1
+    echo "search exit status $?" >> /tmp/search.log
+    # the run and its log in one file; the checkpoint is not needed back
+    tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search search.log
 fi
-wanted inductor && bench inductor "$INDUCTOR_LIMIT" $INDUCTOR_CONFIGS
+wanted inductor && bench inductor "$INDUCTOR_LIMIT" "$SETTLED" $INDUCTOR_CONFIGS
 stage done
-grep -h -A16 "^config " "$OUT"/bench.log "$OUT"/inductor.log 2>/dev/null
-tail -n 4 "$OUT"/bench.log "$OUT"/inductor.log "$OUT"/tests-*.txt "$OUT"/search.log 2>/dev/null
+grep -h -A16 -e "^=== stage" -e "^config " "$OUT"/bench.log 2>/dev/null
+tail -n 4 "$OUT"/tests-*.txt /tmp/search.log 2>/dev/null

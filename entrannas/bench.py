@@ -9,6 +9,8 @@ placement, sharing and bottleneck ratio, optionally followed by fast-path varian
 (torch.compile with CUDA graphs, mode reduce-overhead), ``cudagraphs`` (CUDA graphs of the traced
 graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
 ``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile: built in a few passes),
+``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
+search, whatever the derived architecture),
 e.g. ``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
 after each configuration) and a short table. Ratios are only meaningful within one run.
 
@@ -61,6 +63,7 @@ VARIANTS = {
     "cudagraphs": {"compile": "default", "compile_backend": "cudagraphs"},
     "autotune": {"compile": "max-autotune"},
     "capture": {"compile": CAPTURE},
+    "masked": {"transit": "masked"},
 }
 
 
@@ -214,6 +217,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     row = {"config": label, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
            "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
+           "transit": config.transit,
            "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
@@ -311,13 +315,13 @@ def main(argv=None) -> int:
 
 
 def add_payback(rows: list[dict], warmup_steps: int) -> None:
-    """For each compiled configuration timed beside its eager twin (same mode, precision and layout):
-    how long building its graphs took (the warm-up beyond its steps) and after how many steps at one
-    structure that time is won back (``None`` when compiling is not faster)."""
-    eager = {(r["mode"], r["precision"], r["channels_last"]): r
-             for r in rows if "error" not in r and r["compile"] == "off"}
+    """For each compiled configuration timed beside its eager twin (same mode, precision, layout and
+    transit): how long building its graphs took (the warm-up beyond its steps) and after how many
+    steps at one structure that time is won back (``None`` when compiling is not faster)."""
+    twin_key = lambda r: (r.get("mode"), r.get("precision"), r.get("channels_last"), r.get("transit", "sparse"))  # noqa: E731
+    eager = {twin_key(r): r for r in rows if "error" not in r and r["compile"] == "off"}
     for r in rows:
-        twin = eager.get((r.get("mode"), r.get("precision"), r.get("channels_last")))
+        twin = eager.get(twin_key(r))
         if "error" in r or r["compile"] == "off" or twin is None:
             continue
         build = max(r["warmup_seconds"] - warmup_steps * r["seconds_per_step"], 0.0)

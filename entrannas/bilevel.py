@@ -88,6 +88,7 @@ class BilevelOptimizer:
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.weight_loss(x, y)
         loss.backward()
+        self.model.drop_unused_gradients()   # masked Transit-cells: as if the sparse path had run
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip, foreach=True)
         self.w_optimizer.step()

@@ -38,14 +38,19 @@ CAPTURE = "capture"
 #: EnTranNAS with CUDA graphs and bf16 wins back its ~51 s of building after ~370 steps
 #: (BENCHMARKS.md), hence 400.
 DEFAULT_AFTER = 400
-#: The same rule for ``capture``: building costs about ``CAPTURE_WARMUP + 1`` passes of each kind
-#: (a few tenths of a second at the GPU target's shapes), which a replay that saves even a tenth of
-#: an eager step wins back within about ten steps. An estimate until a GPU measures it.
-CAPTURE_AFTER = 10
+#: The same rule for ``capture``: recording runs ``CAPTURE_WARMUP`` eager pass of each kind and then
+#: the host's half of one more (the kernels are recorded, not run), about one eager step in all. On
+#: the H200 an eager bf16 channels_last EnTranNAS step took 0.208 s and a graphed one 0.069 s, so a
+#: recording is won back after about two steps; in fp32 graphs save little and pay later. An
+#: estimate until a GPU measures it (the bench prints the payback). Early in a search the derived
+#: architecture lasts only a few steps (BENCHMARKS.md), so a short wait matters.
+CAPTURE_AFTER = 3
 #: At most this many derived structures are built.
 DEFAULT_CAPACITY = 16
-#: Eager passes ``make_graphed_callables`` runs on its side stream before recording.
-CAPTURE_WARMUP = 2
+#: Eager passes ``make_graphed_callables`` runs on its side stream before recording: the structure
+#: has already run eagerly, so cuDNN's algorithm choice and lazy initialisation are done except the
+#: side stream's own handles.
+CAPTURE_WARMUP = 1
 
 
 def compile_backends() -> list[str]:

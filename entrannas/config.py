@@ -24,6 +24,7 @@ MODES = ("darts", "entrannas", "dst")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
+TRANSITS = ("sparse", "masked")
 
 
 class ConfigError(ValueError):
@@ -152,11 +153,13 @@ class SearchConfig(FlatConfig):
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
     channels_last: bool = False         # NHWC memory format for the model and its inputs
+    transit: str = "sparse"             # sparse: a Transit-cell runs its derived ops only; masked: every op,
+    #                                     weighted by the 0/1 derived mask (one structure: see supernet)
     compile: str = "off"                # off | capture (CUDA graphs, no torch.compile) | default |
     #                                     reduce-overhead (CUDA graphs) | max-autotune | ... (torch.compile modes)
     compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code
     compile_after: Optional[int] = None  # steps in a row at one structure before it is built (compiled.py;
-    #                                      default 400 for torch.compile, 10 for capture)
+    #                                      default 400 for torch.compile, 3 for capture)
     compile_cache: int = DEFAULT_CAPACITY   # most derived structures built (capture: most recently used kept)
 
     # -- defaults and checks ----------------------------------------------------------------------
@@ -196,6 +199,8 @@ class SearchConfig(FlatConfig):
             raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
+        if self.transit not in TRANSITS:
+            raise ConfigError("transit", self.transit, f"allowed: {', '.join(TRANSITS)}")
         self._check_primitives()
         self._check_placement()
         self._check_bottleneck()
@@ -436,7 +441,10 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if target is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(name, value, "must be a string")
+        if name == "compile" and value is False:
+            return "off"    # YAML 1.1 reads an unquoted off (also no, false) as false
+        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote it)" if isinstance(value, bool) else ""
+        raise ConfigError(name, value, "must be a string" + hint)
     return value
 
 

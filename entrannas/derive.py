@@ -93,7 +93,10 @@ def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 
     start = 0
     for j in range(n_nodes):
         n_in = n_inputs + j
-        kept = torch.topk(edge_score[start:start + n_in], min(k, n_in)).indices + start
+        # A stable sort, not topk: equal scores go to the lower edge index on every device, so a
+        # mask derived on the GPU (masked Transit-cells) equals the one derived on the host.
+        order = torch.sort(edge_score[start:start + n_in], descending=True, stable=True).indices
+        kept = order[:min(k, n_in)] + start
         mask[kept, edge_op[kept]] = True
         start += n_in
     return mask

@@ -63,6 +63,7 @@ class Search(EpochJob):
         sums = torch.zeros(2, device=self.device)  # loss * n, correct: summed on the device, no sync
         n_train = 0
         n_steps = min(len(self.data.train), len(self.data.valid))
+        structures = set()   # derived architectures the weight steps ran (read on the host anyway)
         for step, (train_batch, valid_batch) in enumerate(zip(self.data.train, self.data.valid)):
             train_batch = tuple(t.to(self.device, non_blocking=True) for t in train_batch)
             valid_batch = tuple(t.to(self.device, non_blocking=True) for t in valid_batch)
@@ -70,6 +71,7 @@ class Search(EpochJob):
                 out = self.optimizer.step(train_batch, valid_batch, update_arch)
             except DegenerateArchitecture as e:
                 raise SearchDiverged(f"epoch {self.epoch}, step {step}: {e}; lower lr or arch_lr") from None
+            structures.add(model.derived_key)
             n = train_batch[1].shape[0]
             n_train += n
             sums += torch.stack([out["train_loss"] * n, out["train_correct"].float()])
@@ -85,6 +87,7 @@ class Search(EpochJob):
                               lr, update_arch, time.perf_counter() - start)
         # Host syncs to read a derived structure, and compiled/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
+        record["structures"] = len(structures)
         if compiled is not None:
             stats = model.compiled.stats
             record["compile"] = {k: stats[k] - compiled[k] for k in ("compiles", "compiled_calls", "eager_calls")}

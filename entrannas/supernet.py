@@ -47,6 +47,7 @@ class SupernetSpec:
     stem: str = "cifar"      # cifar: one 3x3 conv; imagenet: three stride-2 convs (224 -> 28)
     beta_init: float = 0.0
     channels_last: bool = False
+    transit: str = "sparse"  # sparse: run the derived ops only; masked: run every op, weighted by the 0/1 mask
 
     @classmethod
     def from_config(cls, config, num_classes: int, in_channels: int, stem: str) -> "SupernetSpec":
@@ -55,7 +56,7 @@ class SupernetSpec:
                    engine_cells=frozenset(config.engine_cells()), feature_sharing=config.feature_sharing,
                    bottleneck_ratio=config.bottleneck_ratio, num_classes=num_classes,
                    in_channels=in_channels, stem=stem, beta_init=config.beta_init,
-                   channels_last=config.channels_last)
+                   channels_last=config.channels_last, transit=config.transit)
 
 
 class DegenerateArchitecture(RuntimeError):
@@ -170,6 +171,16 @@ class SearchCell(nn.Module):
             nn.ModuleList(build_op(name, C_op, 2 if reduction and i < N_INPUTS else 1, affine=False,
                                    search=True) for name in primitives)
             for i in sources)
+
+    def unused_parameters(self, plan: CellPlan) -> list[nn.Parameter]:
+        """The parameters this cell leaves unused when it runs ``plan`` sparsely: the ops outside
+        its derived set, and the bottleneck convs of the sources that feed none of them."""
+        used_sources = {source for _, source, _, _, _ in plan.mixes}
+        unused = [p for slot, ops in enumerate(self.ops) for k, op in enumerate(ops)
+                  if k not in plan.slot_ops.get(slot, ()) for p in op.parameters()]
+        if self.squeeze is not None:
+            unused += [p for i, conv in enumerate(self.squeeze) if i not in used_sources for p in conv.parameters()]
+        return unused
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan,
                 coef: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -286,6 +297,10 @@ class SearchNetwork(nn.Module):
         self._arch_updates = 0
         self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_structure: Optional[Structure] = None   # what the last forward ran
+        self._masked: Optional[Structure] = None          # masked Transit-cells: the one structure
+        self._last_device_masks: Optional[torch.Tensor] = None   # masked: [2, E, K] of the last forward
+        self._unused: dict[tuple, list[nn.Parameter]] = {}
+        self._host_key: Optional[bytes] = None            # masked: the last mask read on the host
         self.compiled: Optional[HotStructures] = None
         use_batch_statistics(self)
         if spec.channels_last:
@@ -336,13 +351,15 @@ class SearchNetwork(nn.Module):
                 out.append(derive.edge_softmax(alpha, self.tau))
         return out[0], out[1]
 
+    def device_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The derived sets of both cell types, ``[2, E, K]`` bool on the weights' device (no sync)."""
+        if self.spec.mode == "dst":
+            return torch.stack([derive.dst_mask(w) for w in weights])
+        return torch.stack([derive.top2_mask(w.detach(), self.primitives, N_INPUTS) for w in weights])
+
     def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The derived sets of both cell types as CPU bool masks, with one device sync."""
-        if self.spec.mode == "dst":
-            both = torch.stack([derive.dst_mask(w) for w in weights]).cpu()
-        else:
-            w = torch.stack([w.detach() for w in weights]).cpu()
-            both = torch.stack([derive.top2_mask(x, self.primitives, N_INPUTS) for x in w])
+        both = self.device_masks(weights).cpu()
         return both[0], both[1]
 
     def genotype(self) -> Genotype:
@@ -360,8 +377,18 @@ class SearchNetwork(nn.Module):
 
     @property
     def last_masks(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The derived masks (normal, reduction) of the last forward."""
+        """The derived masks (normal, reduction) of the last forward (masked: read now, a sync)."""
+        if self.spec.transit == "masked":
+            return None if self._last_device_masks is None else tuple(self._last_device_masks.cpu())
         return None if self.last_structure is None else self.last_structure.masks
+
+    @property
+    def derived_key(self) -> Optional[bytes]:
+        """The derived architecture (both masks, as bytes) of the last weight step: what the sparse
+        path last derived, or the mask ``drop_unused_gradients`` last read (masked)."""
+        if self.spec.transit == "masked":
+            return self._host_key
+        return None if self.last_structure is None else self.last_structure.key
 
     def arch_changed(self) -> None:
         """Say that alpha or beta changed: the next forward derives the structure anew.
@@ -396,8 +423,41 @@ class SearchNetwork(nn.Module):
         self._structure = (key, structure)
         return structure
 
-    def _engine_mask(self, derived: torch.Tensor) -> torch.Tensor:
-        if self.spec.mode == "dst":
+    def masked_structure(self, device: torch.device) -> Structure:
+        """``transit: masked``: every cell runs every candidate op (less ``none``) and a Transit-cell
+        weights them by the derived mask, 0 or 1, read on the device. One structure for the whole
+        search: nothing to derive on the host before a pass, one graph to compile or record. The
+        same arithmetic as the sparse path (an op weighted by 0 adds exactly 0 to the output and to
+        every gradient); ``drop_unused_gradients`` removes the zero gradients it leaves."""
+        if self._masked is None or self._masked.plans[0].rows.device != device:
+            n_edges, n_ops = derive.num_edges(self.spec.nodes), len(self.primitives)
+            full = self._engine_mask(torch.ones(n_edges, n_ops, dtype=torch.bool), dense=True)
+            plan = self._plan(full, device)
+            self._masked = Structure(masks=None, plans=tuple(plan for _ in self.cells), key=b"masked")
+        return self._masked
+
+    def drop_unused_gradients(self) -> None:
+        """``transit: masked``: set to None the gradients of the ops (and bottleneck convs) that the
+        last pass's derived set leaves out. The sparse path never runs them, so they get no gradient
+        and SGD's momentum and weight decay leave them alone; the masked path gives them exact zeros,
+        which SGD would not skip. Reads the mask on the host: the step's one device sync."""
+        if self.spec.transit != "masked" or self._last_device_masks is None:
+            return
+        masks = self._last_device_masks.cpu()
+        self.derivations += 1
+        self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
+        cpu = torch.device("cpu")
+        for index, cell in enumerate(self.cells):
+            mask = masks[1] if cell.reduction else masks[0]
+            plan = self._plan(self._engine_mask(mask) if cell.engine else mask, cpu)   # what sparse runs
+            key = (index, id(plan))
+            if key not in self._unused:
+                self._unused[key] = cell.unused_parameters(plan)
+            for p in self._unused[key]:
+                p.grad = None
+
+    def _engine_mask(self, derived: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        if self.spec.mode == "dst" and not dense:
             # Ops with q_hat = 0 add exactly 0 to the output and to every gradient (SPEC 4).
             return derived
         mask = torch.ones_like(derived)
@@ -411,20 +471,33 @@ class SearchNetwork(nn.Module):
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         weights = self.arch_weights(detach=not arch_grad)
-        structure = self.structure(weights, x.device)
+        if self.spec.transit == "masked":
+            structure = self.masked_structure(x.device)
+            self._last_device_masks = self.device_masks(weights)
+            args = (x, *weights, self._last_device_masks)
+        else:
+            structure = self.structure(weights, x.device)
+            args = (x, *weights)
         self.last_structure = structure
         if self.compiled is not None:
-            return self.compiled(structure, x, *weights)
-        return self.run_structure(structure.plans, x, *weights)
+            return self.compiled(structure, *args)
+        return self.run_structure(structure.plans, *args)
 
     def run_structure(self, plans: tuple[CellPlan, ...], x: torch.Tensor, w_normal: torch.Tensor,
-                      w_reduce: torch.Tensor) -> torch.Tensor:
-        """The network for one derived structure: what ``compile_structures`` compiles."""
+                      w_reduce: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network for one derived structure: what ``compile_structures`` compiles. With
+        ``masks`` (``[2, E, K]``, masked Transit-cells) a Transit-cell weights its ops by them."""
         s0 = self.stem0(x)
         s1 = s0 if self.stem1 is None else self.stem1(s0)
         for cell, plan in zip(self.cells, plans):
             w = w_reduce if cell.reduction else w_normal
-            s0, s1 = s1, cell(s0, s1, plan, w[plan.rows, plan.cols] if cell.engine else None)
+            if cell.engine:
+                coef = w[plan.rows, plan.cols]
+            elif masks is not None:
+                coef = masks[1 if cell.reduction else 0][plan.rows, plan.cols].to(w.dtype)
+            else:
+                coef = None
+            s0, s1 = s1, cell(s0, s1, plan, coef)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def compile_structures(self, mode: str = "default", backend: str = "inductor", after: Optional[int] = None,
@@ -445,6 +518,8 @@ class SearchNetwork(nn.Module):
         # replace the parameter objects).
         self._structure = None
         self._param_lists = None
+        self._masked = None
+        self._unused = {}
         if getattr(self, "compiled", None) is not None:
             self.compiled.clear()   # recorded graphs read the parameters they were recorded with
         return super()._apply(fn, *args, **kwargs)

@@ -43,6 +43,7 @@ BAD = [
     (["--set", "compile=reduce-overhead", "--set", "compile_backend=aot_eager"],
      "compile = 'reduce-overhead': compile_backend 'aot_eager' takes only compile: default"),
     (["--set", "compile_after=0"], "compile_after = 0: must be an integer >= 1"),
+    (["--set", "transit=dense"], "transit = 'dense': allowed: sparse, masked"),
 ]
 
 
@@ -79,6 +80,16 @@ def test_yaml_numbers_and_dataset_defaults(tmp_path):
     cifar = SearchConfig(dataset="synthetic").resolve()
     assert (cifar.epochs, cifar.batch_size, cifar.layers, cifar.init_channels) == (50, 256, 8, 16)
     assert cifar.engine_cells() == {0, 2}, "SPEC 2: cells 0 and 2 of an 8-cell net"
+
+
+def test_compile_off_may_be_written_unquoted(tmp_path):
+    """YAML 1.1 reads an unquoted ``off`` as false; ``compile: off`` is the documented default."""
+    path = tmp_path / "c.yaml"
+    path.write_text("compile: off\n")
+    assert load_config(path).compile == "off"
+    assert load_config(None, ["compile=off", "transit=masked"]).compile == "off"
+    with pytest.raises(ConfigError, match="transit = True: must be a string .YAML reads unquoted on/off"):
+        load_config(None, ["transit=yes"])
 
 
 def test_resolved_config_is_valid_and_round_trips():

@@ -127,6 +127,21 @@ def test_top2_mask_by_hand():
     assert torch.equal(mask, expected)
 
 
+def test_top2_ties_go_to_the_lower_edge_on_every_node():
+    """At a low tau the strongest weights of several edges round to exactly 1.0: a tie. The rule
+    picks the lower edges, on a node with five inputs too (torch.topk on the CPU picks edges 2
+    and 4 of five equal scores), so that masks derived on any device agree."""
+    prims = ["none", "sep_conv_3x3", "max_pool_3x3"]
+    w = torch.zeros(derive.num_edges(4), 3)
+    w[:, 1] = 1.0                                 # every edge: sep_conv_3x3 at weight 1 (saturated)
+    w[derive.num_edges(3) + 1, 1] = 0.5           # node 3, edge from state 1: weaker
+    mask = derive.top2_mask(w, prims)
+    kept = [[i for i, (src, j) in enumerate(derive.edge_layout(4)) if j == node and mask[i].any()]
+            for node in range(4)]
+    assert kept == [[0, 1], [2, 3], [5, 6], [9, 11]]
+    assert [mask[e].nonzero().flatten().tolist() for e in (0, 9, 11)] == [[1], [1], [1]]
+
+
 def test_dst_mask_is_eq10():
     q = torch.tensor([[0.0, 1.0], [0.3, 0.7]])
     assert torch.equal(derive.dst_mask(q), torch.tensor([[False, True], [True, True]]))

@@ -1,6 +1,7 @@
 """Every fast path computes what the plain fp32 eager path computes (to the precision's tolerance)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,49 @@ def test_payback_weighs_graph_building_against_the_time_each_step_saves():
     assert "payback" not in rows[0] and "payback" not in rows[3]       # eager; no fp32 eager twin timed
     text = table(rows)
     assert "won back after 100 steps" in text and "never won back" in text
+
+
+def test_bench_times_masked_transit_cells_as_one_structure(capsys):
+    """Without --frozen-arch the derived architecture may change while timing; masked Transit-cells
+    run one structure whatever it is, and read the mask on the host once per step (the weight step's
+    gradients to drop). They run every op, so a step has more work than the sparse one."""
+    assert bench_main(["--configs", "entrannas", "entrannas+masked", "--layers", "3", "--channels", "4",
+                       "--batch-size", "4", "--image-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1",
+                       "--count-ops", "--device", "cpu"]) == 0
+    sparse, masked = json.loads(capsys.readouterr().out)["results"]
+    assert (sparse["transit"], masked["transit"]) == ("sparse", "masked")
+    assert masked["structures_while_timing"] == 1 and masked["derivations_per_step"] == 1.0
+    assert masked["op_count"]["ops_per_step"] > sparse["op_count"]["ops_per_step"]
+
+
+def _structure_churn():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "structure_churn.py"
+    spec = importlib.util.spec_from_file_location("structure_churn", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_structure_churn_counts_runs_and_the_share_a_build_would_serve():
+    churn = _structure_churn()
+    keys = list("aaabccccca")                  # runs: a x3, b x1, c x5, a x1
+    assert churn.runs_of(keys) == [3, 1, 5, 1]
+    assert churn.built_share(churn.runs_of(keys), 1) == 1.0
+    assert churn.built_share(churn.runs_of(keys), 3) == (1 + 3) / 10   # the 3rd a; the 3rd to 5th c
+    summary = churn.summarize(keys)
+    assert (summary["steps"], summary["structures"], summary["runs"], summary["longest_run"]) == (10, 3, 4, 5)
+    assert summary["runs_by_length"] == {"1": 2, "2-4": 1, "5-9": 1, "10-49": 0, "50+": 0}
+
+
+def test_structure_churn_runs_a_search_per_mode(capsys, tmp_path):
+    churn = _structure_churn()
+    out = tmp_path / "churn.json"
+    assert churn.main(["--modes", "entrannas", "--epochs", "2", "--arch-lr", "0.05", "--set", "layers=3",
+                       "--set", "init_channels=4", "--set", "subset_fraction=0.25", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["mode"] == "entrannas" and row["config"]["arch_warmup_epochs"] == 0
+    assert row["steps"] > 0 and row["steps"] % 2 == 0        # every step of both epochs (no warm-up)
+    assert 1 <= row["structures"] <= row["steps"] and row["built_share"]["2"] <= 1.0
+    assert "share of the steps that run built" in capsys.readouterr().err

@@ -80,3 +80,17 @@ def test_an_epoch_derives_the_structure_once_per_step_and_never_in_warm_up():
     assert warm["derivations"] == 1                 # tau's value at the epoch's start, then none
     assert searching["derivations"] == steps + 1    # + the new tau at the start
     assert warm["compile"] is None
+    assert warm["structures"] == 1 <= searching["structures"] <= steps
+
+
+def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
+    """The record's ``structures``: one per derived architecture the weight steps ran, the same for
+    sparse and masked Transit-cells (which read the mask on the host once per step instead)."""
+    records = []
+    for transit in ("sparse", "masked"):
+        search = Search(small(mode="entrannas", arch_warmup_epochs=0, arch_lr=0.05, transit=transit))
+        seen = []
+        record = search.run_epoch(on_step=lambda i, n, s=search, into=seen: into.append(s.model.derived_key))
+        assert record["structures"] == len(set(seen)) > 1 and None not in seen
+        records.append((record["structures"], seen))
+    assert records[0] == records[1]

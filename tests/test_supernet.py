@@ -297,3 +297,71 @@ def test_an_engine_cell_mixes_each_slot_for_all_its_nodes_at_once(sharing):
     with torch.no_grad():
         ref = reference_cell(cell, s0, s1, lambda e, k: weights[e, k])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _params_and_grads(net):
+    return [(name, p.grad) for name, p in net.named_parameters()]
+
+
+@pytest.mark.parametrize("mode,sharing", [("entrannas", True), ("entrannas", False), ("dst", True)])
+def test_masked_transit_cells_compute_what_sparse_ones_do(mode, sharing):
+    """``transit: masked`` runs every op and weights a Transit-cell's by the 0/1 derived mask: the
+    same logits and gradients, in float64 to rounding, and after ``drop_unused_gradients`` the
+    same parameters without a gradient (the ops and bottleneck convs the derived set leaves out)."""
+    sparse, masked = (tiny_net(seed=0, mode=mode, transit=t, feature_sharing=sharing).double()
+                      for t in ("sparse", "masked"))
+    with torch.no_grad():   # a derived set that leaves out some sources' ops in every cell
+        for net in (sparse, masked):
+            net.alpha_normal.copy_(torch.randn(net.alpha_normal.shape, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    for arch_grad in (True, False):
+        logits = [net(x, arch_grad=arch_grad) for net in (sparse, masked)]
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-12)
+        for out in logits:
+            (out * torch.arange(10)).sum().backward()
+        masked.drop_unused_gradients()
+        for (name, a), (_, b) in zip(_params_and_grads(masked), _params_and_grads(sparse)):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+        assert any(g is None for _, g in _params_and_grads(sparse)), "the test needs ops left out"
+        for net in (sparse, masked):
+            net.zero_grad(set_to_none=True)
+    assert torch.equal(masked.last_masks[0], sparse.last_masks[0])
+
+
+def test_masked_transit_is_one_structure_with_no_host_read_before_a_pass():
+    net = tiny_net(seed=0, mode="entrannas", transit="masked")
+    x = torch.randn(4, 1, 8, 8)
+    keys = set()
+    for shift in range(3):     # three different derived architectures
+        with torch.no_grad():
+            net.alpha_normal[:, shift + 1] += 5.0 * (shift + 1)
+        net(x)
+        keys.add(net.last_structure.key)
+    assert len(keys) == 1 and net.derivations == 0
+    assert net.genotype().normal[0][0][0] == net.primitives[3]   # the host still derives the genotype
+    net.drop_unused_gradients()
+    assert net.derivations == 1
+
+
+def test_masked_and_sparse_searches_follow_one_trajectory():
+    """Bi-level steps whose derived structure changes every step: SGD leaves the ops outside the
+    derived set alone on both paths (no momentum, no weight decay), so they end at the same weights."""
+    from entrannas.bilevel import BilevelOptimizer
+    from conftest import tiny_batch
+
+    nets = [tiny_net(seed=0, mode="entrannas", transit=t).double() for t in ("sparse", "masked")]
+    opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", transit=net.spec.transit, arch_lr=0.05))
+            for net in nets]
+    structures = set()
+    for step in range(5):
+        for opt in opts:
+            opt.step(tiny_batch(step, dtype=torch.float64), tiny_batch(100 + step, dtype=torch.float64),
+                     update_arch=True)
+        structures.add(tuple(m.numpy().tobytes() for m in nets[0].last_masks))
+    assert len(structures) > 2
+    for (name, a), b in zip(nets[1].named_parameters(), nets[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    states = [opt.w_optimizer.state for opt in opts]
+    assert [p in states[1] for p in nets[1].parameters()] == [p in states[0] for p in nets[0].parameters()]
