@@ -36,13 +36,13 @@ STAGES=${STAGES:-bench churn tests search inductor}
 CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl \
 entrannas+masked+capture+bf16+cl entrannas+capture dst+capture entrannas+cl dst+cl entrannas+capture+cl \
 dst+capture+cl}
-BENCH_LIMIT=${BENCH_LIMIT:-240}
+BENCH_LIMIT=${BENCH_LIMIT:-220}
 CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+bf16+cl entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
-CHURN_LIMIT=${CHURN_LIMIT:-60}
+CHURN_LIMIT=${CHURN_LIMIT:-50}
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
-INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-120}
+INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-90}
 PROFILE=${PROFILE:-2}
-TEST_RUNS=${TEST_RUNS:-capture:120}
+TEST_RUNS=${TEST_RUNS:-capture:100}
 TESTS=${TESTS:-tests/test_compiled.py}
 SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
 mkdir -p "$OUT"
