@@ -101,14 +101,15 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
 
 def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
     """Logits and gradients of this configuration's arch and weight passes vs the fp32 eager path
-    from the same state: the largest error relative to the eager logits' scale, and the cosine
+    (sparse Transit-cells) from the same state: the largest error relative to the eager logits' scale, and the cosine
     similarity of the gradients."""
     model = opt.model
-    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False))
+    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False, transit="sparse"))
     reference = reference.to(next(model.parameters()).device)
     reference.load_state_dict(model.state_dict())
     reference.tau = model.tau
-    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", channels_last=False, compile="off"))
+    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", channels_last=False, compile="off",
+                                                           transit="sparse"))
     out = {}
     for name, arch_pass in (("arch_pass", True), ("weight_pass", False)):
         results = []
@@ -121,6 +122,7 @@ def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
             else:
                 loss, logits = o.weight_loss(*batch)
             loss.backward()
+            net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
             params = net.arch_parameters() if arch_pass else net.weight_parameters()
             grads = torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
             results.append((full_precision(logits).detach(), grads))

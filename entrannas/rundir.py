@@ -94,5 +94,7 @@ def format_record(record: dict) -> str:
         parts.append(f"tau {record['tau']:.3f}")
     if kept:
         parts.append(f"kept n{kept['normal']} r{kept['reduce']}")
+    if "structures" in record:   # how many derived architectures the epoch's steps ran
+        parts.append(f"archs {record['structures']}")
     parts.append(f"{record['seconds']:.1f}s")
     return " | ".join(parts)

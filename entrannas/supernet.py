@@ -9,6 +9,10 @@ plan) is read on the host once per change of alpha, beta or tau, and may be comp
 source (feature sharing), the ReLU that begins the conv ops once per source, an Engine-cell's
 weighting of one source's ops for all its nodes in one matrix product, and a Transit-cell's sum of
 one source's ops once for all the nodes that take it.
+
+With ``transit="masked"`` a Transit-cell instead runs every candidate op and weights them by the
+derived 0/1 mask, computed on the device: the same arithmetic, more of it, but one structure for a
+whole search however often the derived architecture changes (``masked_structure``).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def test_search_cli_writes_outputs_and_resumes(tmp_path, capsys):
     args = ["search", "--set", "mode=dst", "--set", "epochs=2", *FAST, "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "epoch   2 | train loss" in printed and "kept n[" in printed
+    assert "epoch   2 | train loss" in printed and "kept n[" in printed and "| archs " in printed
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["mode"] == "dst" and config["placement"] == "first" and config["seed"] == 0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]

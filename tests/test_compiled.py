@@ -152,12 +152,18 @@ def test_more_structures_than_dynamos_default_recompile_limit_all_get_compiled()
     assert len(graphs) == 12 and runner.stats["compiled_calls"] == 12
 
 
-def test_a_search_step_waits_for_the_device_once():
-    """The derived structure is read on the host once per step; nothing else in a step syncs.
-    On a GPU CUDA's sync debug mode counts every synchronising call; on the CPU the count of
-    derivations (each one host read) stands in for it."""
-    net = tiny_net(seed=0, mode="dst").to(DEVICE)
-    opt = BilevelOptimizer(net, tiny_config(mode="dst"))
+@pytest.mark.parametrize("mode,transit,compiled", [("dst", "sparse", False), ("entrannas", "masked", False),
+                                                   ("entrannas", "masked", True)])
+def test_a_search_step_waits_for_the_device_once(mode, transit, compiled):
+    """The derived structure is read on the host once per step (masked Transit-cells: the mask, to
+    drop the gradients of the ops left out); nothing else in a step syncs, compiled or recorded
+    passes included (masked: one structure, built in the first step). On a GPU CUDA's sync debug
+    mode counts every synchronising call; on the CPU the count of derivations (each one host read)
+    stands in for it."""
+    net = tiny_net(seed=0, mode=mode, transit=transit).to(DEVICE)
+    if compiled:
+        net.compile_structures(**COMPILE, after=1)
+    opt = BilevelOptimizer(net, tiny_config(mode=mode, transit=transit))
     opt.step(batch(0), batch(100), update_arch=True)     # the first step also derives for the new tau
     batches = [(batch(s), batch(100 + s)) for s in range(1, 4)]   # copied to the device beforehand
     before = net.derivations
@@ -172,6 +178,8 @@ def test_a_search_step_waits_for_the_device_once():
             if ON_CUDA:
                 torch.cuda.set_sync_debug_mode("default")
     assert net.derivations - before == 3
+    if compiled:
+        assert net.compiled.stats["compiles"] == 1 and net.compiled.stats["eager_calls"] == 0
     if ON_CUDA:
         # One warning per synchronising call; the first use of the debug mode also warns that it is a
         # prototype ("...does not yet detect all synchronizing operations"), which is not a sync.

@@ -173,9 +173,11 @@ def test_bench_times_masked_transit_cells_as_one_structure(capsys):
     gradients to drop). They run every op, so a step has more work than the sparse one."""
     assert bench_main(["--configs", "entrannas", "entrannas+masked", "--layers", "3", "--channels", "4",
                        "--batch-size", "4", "--image-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1",
-                       "--count-ops", "--device", "cpu"]) == 0
+                       "--count-ops", "--check", "--device", "cpu"]) == 0
     sparse, masked = json.loads(capsys.readouterr().out)["results"]
     assert (sparse["transit"], masked["transit"]) == ("sparse", "masked")
+    for check in masked["check"].values():    # against the sparse eager path: the same to rounding
+        assert check["logits_max_rel_error"] < 1e-5 and check["grad_cosine"] > 0.99999
     assert masked["structures_while_timing"] == 1 and masked["derivations_per_step"] == 1.0
     assert masked["op_count"]["ops_per_step"] > sparse["op_count"]["ops_per_step"]
 
