@@ -47,6 +47,18 @@ def edge_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
     return F.softmax(alpha / tau, dim=-1)
 
 
+def edge_log_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
+    """``log p`` of Eq. 5, for ranking: where one op dominates an edge, float32 rounds its ``p`` to
+    exactly 1 (at tau = 0.1 a lead of 2 in alpha does it) and ``torch.log_softmax`` to exactly 0,
+    so two edges with different leads would tie. Here ``log p_k = (a_k - a_max) / tau -
+    log1p(sum over j != max of exp((a_j - a_max) / tau))``, which keeps the difference."""
+    z = alpha / tau
+    top, arg = z.max(dim=-1, keepdim=True)
+    rel = z - top
+    others = torch.exp(rel).scatter(-1, arg, 0.0).sum(dim=-1, keepdim=True)
+    return rel - torch.log1p(others)
+
+
 def dst_coefficients(alpha: torch.Tensor, beta: torch.Tensor, tau: float, n_inputs: int = 2) -> torch.Tensor:
     """EnTranNAS-DST coefficients q_hat ``[E, K]`` (SPEC 4, Eqs. 5, 7, 8, 9); differentiable.
 
@@ -82,7 +94,8 @@ def thresholds(beta: torch.Tensor) -> torch.Tensor:
 
 def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 2, k: int = 2) -> torch.Tensor:
     """Eq. 4, the DARTS rule: per node, the top-k edges by strongest non-``none`` weight, and on
-    each the argmax non-``none`` op. Returns a bool mask ``[E, K]``. Ties go to the lower index."""
+    each the argmax non-``none`` op. Returns a bool mask ``[E, K]``. Ties go to the lower index.
+    Only the order of the weights matters: ``p`` or ``edge_log_softmax`` (which does not saturate)."""
     weights = weights.detach()
     n_nodes = n_nodes_for(weights.shape[0], n_inputs)
     scored = weights.clone()

@@ -356,10 +356,13 @@ class SearchNetwork(nn.Module):
         return out[0], out[1]
 
     def device_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The derived sets of both cell types, ``[2, E, K]`` bool on the weights' device (no sync)."""
+        """The derived sets of both cell types, ``[2, E, K]`` bool on the weights' device (no sync).
+        The top-2 rule ranks by ``log p`` computed without float32's saturation at low tau, where
+        several edges' strongest ``p`` would round to exactly 1 and tie."""
         if self.spec.mode == "dst":
             return torch.stack([derive.dst_mask(w) for w in weights])
-        return torch.stack([derive.top2_mask(w.detach(), self.primitives, N_INPUTS) for w in weights])
+        return torch.stack([derive.top2_mask(derive.edge_log_softmax(alpha.detach(), self.tau), self.primitives,
+                                             N_INPUTS) for alpha in (self.alpha_normal, self.alpha_reduce)])
 
     def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The derived sets of both cell types as CPU bool masks, with one device sync."""

@@ -159,3 +159,14 @@ def test_temperature_schedules(schedule):
     assert taus[5] == pytest.approx(mid)
     if schedule == "cosine":
         assert taus[1] > temperature("linear", 1, 11, 1.0, 0.1), "cosine starts slower than linear"
+
+
+def test_edge_log_softmax_is_log_p_and_keeps_the_order_p_rounds_away():
+    alpha = torch.randn(6, 8, dtype=torch.float64)
+    torch.testing.assert_close(derive.edge_log_softmax(alpha, 0.7), torch.log_softmax(alpha / 0.7, dim=-1))
+    leads = torch.zeros(3, 8)
+    leads[:, 4] = torch.tensor([2.0, 2.5, 3.0])       # op 4 leads each edge by 2, 2.5 and 3
+    p = derive.edge_softmax(leads, 0.1)
+    assert (p.max(dim=1).values == 1.0).all(), "float32 p saturates: the three edges would tie"
+    strongest = derive.edge_log_softmax(leads, 0.1).max(dim=1).values
+    assert strongest[0] < strongest[1] < strongest[2] < 0

@@ -365,3 +365,16 @@ def test_masked_and_sparse_searches_follow_one_trajectory():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
     states = [opt.w_optimizer.state for opt in opts]
     assert [p in states[1] for p in nets[1].parameters()] == [p in states[0] for p in nets[0].parameters()]
+
+
+def test_top2_derivation_ranks_edges_that_float32_p_would_tie():
+    """At tau = 0.1 an op leading its edge by 2 or more has p = 1.0 in float32; the derivation still
+    keeps the two edges with the larger leads (node 1: edges from states 0, 1, 2)."""
+    net = tiny_net(seed=0, mode="entrannas")
+    net.tau = 0.1
+    sep = net.primitives.index("sep_conv_3x3")
+    with torch.no_grad():
+        net.alpha_normal.zero_()
+        net.alpha_normal[2:5, sep] = torch.tensor([2.0, 2.5, 3.0])   # node 1's three edges
+    node1 = net.genotype().normal[1]
+    assert sorted(src for _, src in node1) == [1, 2] and all(op == "sep_conv_3x3" for op, _ in node1)
