@@ -90,7 +90,8 @@ fi
 if wanted search; then
     stage search
     rm -rf /tmp/entrannas-search /tmp/search.log
-    timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set epochs=3 --set arch_warmup_epochs=1 \
+    timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set subset_fraction=0.2 --set epochs=3 \
+        --set arch_warmup_epochs=1 \
         --set compile="$SEARCH_COMPILE" --set compile_after=2 \
         $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > /tmp/search.log 2>&1
     echo "search exit status $?" >> /tmp/search.log

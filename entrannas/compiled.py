@@ -222,7 +222,8 @@ class CapturedStructures(HotStructures):
                  capacity: int = DEFAULT_CAPACITY, capture: Callable = capture_cuda_graphs):
         super().__init__(fn, after, capacity)
         self.net, self.capture = net, capture
-        self._graphs: OrderedDict[bytes, dict[tuple, Callable]] = OrderedDict()   # LRU: structure -> kind -> pass
+        # LRU: structure -> kind of pass -> its graphed pass (None where recording failed)
+        self._graphs: OrderedDict[bytes, dict[tuple, Optional[Callable]]] = OrderedDict()
         self._pool = None
         self._params: Optional[list[nn.Parameter]] = None
 
@@ -238,7 +239,7 @@ class CapturedStructures(HotStructures):
         if passes is not None:
             self._graphs.move_to_end(structure.key)
             if kind in passes:
-                return passes[kind]
+                return passes[kind]   # None: recording it failed
         if not self._hot(structure.key, kind):
             return None
         if passes is None:
@@ -250,7 +251,13 @@ class CapturedStructures(HotStructures):
         if self._pool is None and args[0].is_cuda:
             self._pool = torch.cuda.graph_pool_handle()
         self.stats["captures"] += 1
-        passes[kind] = self.capture(self.fn, self.net, structure.plans, args, self._pool)
+        try:
+            passes[kind] = self.capture(self.fn, self.net, structure.plans, args, self._pool)
+        except Exception as e:   # a pass CUDA cannot record runs eagerly; the search goes on
+            passes[kind] = None
+            self.stats["capture_failures"] += 1
+            warnings.warn(f"recording a derived structure's pass as CUDA graphs failed; it runs eagerly "
+                          f"({type(e).__name__}: {e})", stacklevel=4)
         return passes[kind]
 
     def clear(self) -> None:

@@ -279,3 +279,17 @@ def test_the_recorder_hands_make_graphed_callables_the_pass_and_leaf_copies_of_i
     # the arch pass (weights frozen: only alpha and beta require grad) and the weight pass
     assert calls == [([False, True, True], {False, True}), ([False, False, False], {True})]
     assert fast.compiled.stats["compiled_calls"] == 4
+
+
+def test_a_pass_that_cannot_be_recorded_runs_eagerly_with_a_warning():
+    def failing(fn, net, plans, args, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner = CapturedStructures(lambda plans, x: "eager " + plans[0], nn.Linear(1, 1), after=1, capture=failing)
+    (a,) = _structures("a")
+    x = torch.zeros(1)
+    with pytest.warns(UserWarning, match="runs eagerly .RuntimeError: operation not permitted"):
+        assert runner(a, x) == "eager a"
+    assert runner(a, x) == "eager a"       # not tried again
+    assert runner.stats["capture_failures"] == 1 and runner.stats["captures"] == 1
+    assert runner.stats["eager_calls"] == 2 and runner.stats["compiled_calls"] == 0
