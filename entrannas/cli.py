@@ -122,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     try:
         config, run = _prepare(args, SearchConfig)
-        resume = run.prepare(config.to_dict(), args.resume)
+        resume = run.prepare(config.to_dict(), args.resume, defaults=config.field_defaults())
     except (ConfigError, RunDirError) as e:
         return _error(str(e))
 
@@ -148,7 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         genotype = load_genotype(args.genotype)
         config, run = _prepare(args, EvalConfig)
-        resume = run.prepare(config.to_dict(), args.resume, inputs={"genotype.json": genotype.to_dict()})
+        resume = run.prepare(config.to_dict(), args.resume, inputs={"genotype.json": genotype.to_dict()},
+                             defaults=config.field_defaults())
     except (ConfigError, RunDirError, GenotypeError) as e:
         return _error(str(e))
 

@@ -65,6 +65,12 @@ class FlatConfig:
                 raise ConfigError(key, data[key], f"unknown setting; allowed: {', '.join(known)}")
         return cls(**{key: _coerce(cls, key, value) for key, value in data.items()})
 
+    @classmethod
+    def field_defaults(cls) -> dict:
+        """Each setting's default as ``to_dict`` writes it (settings whose default is None left out)."""
+        return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                for f in fields(cls) if f.default is not dataclasses.MISSING and f.default is not None}
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for key, value in out.items():

@@ -26,9 +26,12 @@ class RunDir:
     def has_run(self) -> bool:
         return (self.path / HISTORY).exists() or self.checkpoint.exists()
 
-    def prepare(self, config: dict, resume: bool, inputs: Optional[dict] = None) -> bool:
+    def prepare(self, config: dict, resume: bool, inputs: Optional[dict] = None,
+                defaults: Optional[dict] = None) -> bool:
         """Create the directory, or check that a resumed one ran the same config (and the same
-        ``inputs``: JSON files by name, such as the genotype an evaluation trains).
+        ``inputs``: JSON files by name, such as the genotype an evaluation trains). A setting that
+        the saved config lacks (it came in a later version) counts as the same when the new value
+        is its default in ``defaults``, which is how the earlier version behaved.
 
         Returns whether a checkpoint should be loaded. Never overwrites an earlier run unless resuming.
         """
@@ -40,8 +43,10 @@ class RunDir:
         saved_path = self.path / CONFIG
         if resume and saved_path.exists():
             saved = yaml.safe_load(saved_path.read_text()) or {}
+            defaults = defaults or {}
             changed = sorted(k for k in set(saved) | set(config)
-                             if k not in ("device", "num_workers") and saved.get(k) != config.get(k))
+                             if k not in ("device", "num_workers") and saved.get(k) != config.get(k)
+                             and not (k not in saved and k in defaults and config.get(k) == defaults[k]))
             if changed:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
                 raise RunDirError(f"--resume {self.path}: the config differs from the saved one ({detail})")

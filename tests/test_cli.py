@@ -154,3 +154,23 @@ def test_interrupted_cli_search_resumes_to_the_same_result(tmp_path):
                        for l in (p / "history.jsonl").read_text().splitlines()]
     assert strip(part) == strip(whole)
     assert (part / "genotype.json").read_text() == (whole / "genotype.json").read_text()
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A run started by an earlier version has no ``transit`` in its config.yaml; it ran what
+    ``transit: sparse`` runs, so resuming it with that value is allowed, and another is refused."""
+    from entrannas.rundir import RunDir, RunDirError
+
+    config = SearchConfig(mode="dst").resolve().to_dict()
+    old = {k: v for k, v in config.items() if k != "transit"}
+    run = RunDir(tmp_path / "run")
+    run.prepare(old, resume=False)
+    (tmp_path / "run" / "history.jsonl").write_text("")
+    defaults = SearchConfig.field_defaults()
+    assert defaults["transit"] == "sparse" and defaults["primitives"] == list(SearchConfig().primitives)
+    assert run.prepare(config, resume=True, defaults=defaults) is False    # accepted (no checkpoint yet)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))     # prepare rewrote it
+    with pytest.raises(RunDirError, match="transit: None -> 'masked'"):
+        run.prepare({**config, "transit": "masked"}, resume=True, defaults=defaults)
+    with pytest.raises(RunDirError, match="transit: None -> 'sparse'"):
+        run.prepare(config, resume=True)                                    # without the defaults
