@@ -4,15 +4,17 @@ A Transit-cell runs a different graph whenever the derived architecture changes,
 captured super-net is specialised to one structure (and to the kind of pass: arch step, weight
 step, evaluation; the input shape and dtype). Early in a search the structure can change every
 step, and building for each one would cost more than it saves; once the search settles it changes
-rarely. So a structure runs eagerly until it has been used ``after`` times in a row for one kind of
-pass, and is built then (``HotStructures``). Two ways to build:
+rarely (an EnTranNAS search measured on digits had not settled after 40 epochs: BENCHMARKS.md; a
+super-net with masked Transit-cells has one structure throughout). So a structure runs eagerly
+until it has been used ``after`` times in a row for one kind of pass, and is built then
+(``HotStructures``). Two ways to build:
 
 - ``CompiledStructures``: ``torch.compile`` (dynamo, AOTAutograd, a backend). Costly to build (tens
   of seconds per structure on a GPU), so at most ``capacity`` structures are built and later ones
   stay eager (with a warning).
 - ``CapturedStructures`` (``compile: capture``, CUDA only): the eager kernels of each pass recorded
   as CUDA graphs with ``torch.cuda.make_graphed_callables``, no tracing or code generation, so a
-  build costs a few passes. The ``capacity`` most recently used structures are kept.
+  build costs about one eager step. The ``capacity`` most recently used structures are kept.
 
 Either way the same arithmetic is scheduled differently: the tests compare outputs, gradients and
 whole training trajectories with the eager path.
