@@ -117,11 +117,13 @@ def _prepare(args, cls):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .config import ConfigError, SearchConfig
+    from .config import ConfigError, SearchConfig, check_device_support
     from .rundir import RunDirError
+    from .runtime import resolve_device
 
     try:
         config, run = _prepare(args, SearchConfig)
+        check_device_support(config, resolve_device(config.device))   # before the run directory exists
         resume = run.prepare(config.to_dict(), args.resume, defaults=config.field_defaults())
     except (ConfigError, RunDirError) as e:
         return _error(str(e))

@@ -56,12 +56,18 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys, no_mo
     assert not (out / "history.jsonl").exists()
 
 
-def test_a_setting_the_device_cannot_run_is_refused_before_data_is_loaded(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("settings, message", [
+    (["precision=bf16", "channels_last=true"], "channels_last = True: with precision bf16 on the CPU"),
+    (["compile=capture"], "compile = 'capture': records CUDA graphs, so it needs a CUDA device"),
+])
+def test_a_setting_the_device_cannot_run_is_refused_before_anything_is_written(settings, message, tmp_path, capsys,
+                                                                               monkeypatch):
     monkeypatch.setattr(entrannas.search, "build_search_data",
                         lambda *a: pytest.fail("data loaded for a setting the device cannot run"))
-    args = ["search", "--set", "precision=bf16", "--set", "channels_last=true", "--set", "device=cpu"]
+    args = ["search", *[a for s in settings for a in ("--set", s)], "--set", "device=cpu"]
     assert main([*args, "--out", str(tmp_path / "run")]) == 2
-    assert "channels_last = True: with precision bf16 on the CPU" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_console_script_exit_status(tmp_path):
