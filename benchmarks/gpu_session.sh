@@ -6,8 +6,8 @@
 # Stages (STAGES, each with its own time limit; a stage cut short keeps what it measured):
 #   bench     seconds per step, memory, projections, a check against fp32 eager and a kernel profile
 #             (--profile) per configuration: DARTS first (the ratios' base), the defaults eager, CUDA
-#             graphs recorded from the eager kernels (compile: capture; built in a few passes), then
-#             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
+#             graphs recorded from the eager kernels (compile: capture; built in about one eager step),
+#             then channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
 #             of the NCHW ones);
 #   churn     the same without --frozen-arch: the derived architecture changes while timing (random
 #             data: the arch gradient is noise), so each new structure runs eagerly or is recorded
