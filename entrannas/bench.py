@@ -8,7 +8,7 @@ placement, sharing and bottleneck ratio, optionally followed by fast-path varian
 ``+``: ``bf16`` (autocast), ``cl`` (channels_last), ``compile`` (torch.compile), ``graphs``
 (torch.compile with CUDA graphs, mode reduce-overhead), ``cudagraphs`` (CUDA graphs of the traced
 graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
-``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile: built in a few passes),
+``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile or tracing),
 ``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
 search, whatever the derived architecture),
 e.g. ``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
@@ -101,8 +101,8 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
 
 def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
     """Logits and gradients of this configuration's arch and weight passes vs the fp32 eager path
-    (sparse Transit-cells) from the same state: the largest error relative to the eager logits' scale, and the cosine
-    similarity of the gradients."""
+    with sparse Transit-cells, from the same state: the largest error relative to the eager logits'
+    scale, and the cosine similarity of the gradients."""
     model = opt.model
     reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False, transit="sparse"))
     reference = reference.to(next(model.parameters()).device)

@@ -42,6 +42,12 @@ def _node_of_edge(n_nodes: int, n_inputs: int, device: torch.device) -> torch.Te
     return torch.tensor([j for _, j in edge_layout(n_nodes, n_inputs)], device=device)
 
 
+@lru_cache(maxsize=None)
+def _source_of_edge(n_nodes: int, n_inputs: int, device: torch.device) -> torch.Tensor:
+    """Source state of every edge, cached per device."""
+    return torch.tensor([i for i, _ in edge_layout(n_nodes, n_inputs)], device=device)
+
+
 def edge_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. 5: ``p[e, k] = softmax_k(alpha[e, k] / tau)``."""
     return F.softmax(alpha / tau, dim=-1)
@@ -102,16 +108,17 @@ def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 
     if "none" in primitives:
         scored[:, list(primitives).index("none")] = float("-inf")
     edge_score, edge_op = scored.max(dim=1)                                  # [E], [E]
+    # All nodes at once: edges by score, then (stably) by node, so each node's edges come in a block,
+    # strongest first, and the block of node j has the length of its inputs, as in the edge layout.
+    # Its first k then sit where the layout has the edges from sources 0..k-1. Stable sorts, not
+    # topk: equal scores go to the lower edge index on every device, so a mask derived on the GPU
+    # (masked Transit-cells) equals the one derived on the host.
+    node_of_edge = _node_of_edge(n_nodes, n_inputs, weights.device)
+    order = torch.sort(edge_score, descending=True, stable=True).indices
+    order = order[torch.sort(node_of_edge[order], stable=True).indices]
+    kept = order[_source_of_edge(n_nodes, n_inputs, weights.device) < k]
     mask = torch.zeros_like(weights, dtype=torch.bool)
-    start = 0
-    for j in range(n_nodes):
-        n_in = n_inputs + j
-        # A stable sort, not topk: equal scores go to the lower edge index on every device, so a
-        # mask derived on the GPU (masked Transit-cells) equals the one derived on the host.
-        order = torch.sort(edge_score[start:start + n_in], descending=True, stable=True).indices
-        kept = order[:min(k, n_in)] + start
-        mask[kept, edge_op[kept]] = True
-        start += n_in
+    mask[kept, edge_op[kept]] = True
     return mask
 
 

@@ -357,7 +357,8 @@ class SearchNetwork(nn.Module):
 
     def device_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The derived sets of both cell types, ``[2, E, K]`` bool on the weights' device (no sync).
-        The top-2 rule ranks by ``log p`` computed without float32's saturation at low tau, where
+        DST's come from ``weights`` (q_hat, Eq. 10). The top-2 rule ranks by ``log p``, computed from
+        alpha itself rather than from ``weights`` (p): in float32, p saturates at low tau, where
         several edges' strongest ``p`` would round to exactly 1 and tie."""
         if self.spec.mode == "dst":
             return torch.stack([derive.dst_mask(w) for w in weights])
@@ -422,11 +423,8 @@ class SearchNetwork(nn.Module):
             return self._structure[1]
         masks = self.derived_masks(weights)
         self.derivations += 1
-        plans = []
-        for cell in self.cells:
-            mask = masks[1] if cell.reduction else masks[0]
-            plans.append(self._plan(self._engine_mask(mask) if cell.engine else mask, device))
-        structure = Structure(masks, tuple(plans), masks[0].numpy().tobytes() + masks[1].numpy().tobytes())
+        plans = tuple(self._sparse_plan(cell, masks, device) for cell in self.cells)
+        structure = Structure(masks, plans, masks[0].numpy().tobytes() + masks[1].numpy().tobytes())
         self._structure = (key, structure)
         return structure
 
@@ -437,9 +435,7 @@ class SearchNetwork(nn.Module):
         same arithmetic as the sparse path (an op weighted by 0 adds exactly 0 to the output and to
         every gradient); ``drop_unused_gradients`` removes the zero gradients it leaves."""
         if self._masked is None or self._masked.plans[0].rows.device != device:
-            n_edges, n_ops = derive.num_edges(self.spec.nodes), len(self.primitives)
-            full = self._engine_mask(torch.ones(n_edges, n_ops, dtype=torch.bool), dense=True)
-            plan = self._plan(full, device)
+            plan = self._plan(self._all_ops_mask(), device)
             self._masked = Structure(masks=None, plans=tuple(plan for _ in self.cells), key=b"masked")
         return self._masked
 
@@ -453,23 +449,29 @@ class SearchNetwork(nn.Module):
         masks = self._last_device_masks.cpu()
         self.derivations += 1
         self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
-        cpu = torch.device("cpu")
         for index, cell in enumerate(self.cells):
-            mask = masks[1] if cell.reduction else masks[0]
-            plan = self._plan(self._engine_mask(mask) if cell.engine else mask, cpu)   # what sparse runs
+            plan = self._sparse_plan(cell, masks, torch.device("cpu"))   # what the sparse path runs
             key = (index, id(plan))
             if key not in self._unused:
                 self._unused[key] = cell.unused_parameters(plan)
             for p in self._unused[key]:
                 p.grad = None
 
-    def _engine_mask(self, derived: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        if self.spec.mode == "dst" and not dense:
-            # Ops with q_hat = 0 add exactly 0 to the output and to every gradient (SPEC 4).
-            return derived
-        mask = torch.ones_like(derived)
+    def _sparse_plan(self, cell: SearchCell, masks, device: torch.device) -> CellPlan:
+        """The plan a cell runs on the sparse path for the derived ``masks`` (normal, reduction):
+        a Transit-cell its derived set; an Engine-cell every op that can add to its output."""
+        mask = masks[1] if cell.reduction else masks[0]
+        if not cell.engine or self.spec.mode == "dst":
+            # DST Engine-cells: ops with q_hat = 0 add exactly 0 to the output and to every gradient
+            # (SPEC 4), so the derived set is all they need to run.
+            return self._plan(mask, device)
+        return self._plan(self._all_ops_mask(), device)
+
+    def _all_ops_mask(self) -> torch.Tensor:
+        """Every candidate op on every edge but ``none`` (p_none * 0 adds nothing)."""
+        mask = torch.ones(derive.num_edges(self.spec.nodes), len(self.primitives), dtype=torch.bool)
         if "none" in self.primitives:
-            mask[:, self.primitives.index("none")] = False   # p_none * 0 adds nothing
+            mask[:, self.primitives.index("none")] = False
         return mask
 
     # -- forward --------------------------------------------------------------------------------
