@@ -9,13 +9,18 @@
 #             graphs recorded from the eager kernels (compile: capture; built in about one eager step),
 #             then channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
 #             of the NCHW ones);
+#   arch      the same, settled at a searched architecture instead of the initial state (random for
+#             entrannas; every op on every edge for dst): DARTS_V2 (mostly separable convs) for the
+#             top-2 modes, benchmarks/genotypes/dst-digits.json (2 to 5 inputs per node) for dst; the
+#             warm-up epochs are projected at the initial state;
 #   churn     the same without --frozen-arch: the derived architecture changes while timing (random
 #             data: the arch gradient is noise), so each new structure runs eagerly or is recorded
 #             anew, except with masked Transit-cells (one structure whatever the mask);
 #   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "capture:seconds" or "backend/mode:seconds");
 #   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE);
-#   inductor  inductor's code generation with CUDA graphs (slow to build: its own limit).
-# Results go under $OUT (at most 8 files come back): bench.json, churn.json and inductor.json
+#   inductor  inductor's code generation with CUDA graphs (slow to build: session 3's 380 s did not finish
+#             one configuration, so it is left out of the default STAGES).
+# Results go under $OUT (at most 8 files come back): bench.json, arch.json, churn.json (inductor.json)
 # (written after each configuration), one log with their tables, the test logs, the search (one archive), the
 # environment with each stage's start time. Ray is not needed; the device's image has pytest and
 # tqdm (seen on the H200 machines, 2026-11-28).
@@ -25,18 +30,22 @@
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" SEARCH_COMPILE=off PY=.venv/bin/python \
 #   OUT=/tmp/dry CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
-#   CHURN_CONFIGS="entrannas entrannas+masked" bash benchmarks/gpu_session.sh
+#   CHURN_CONFIGS="entrannas entrannas+masked" ARCH_CONFIGS="darts dst entrannas+cudagraphs" \
+#   STAGES="bench arch churn tests search inductor" bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 BACKEND=${BACKEND:-inductor}
-STAGES=${STAGES:-bench churn tests search inductor}
+STAGES=${STAGES:-bench arch churn tests search}
 CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl \
 entrannas+masked+capture+bf16+cl entrannas+capture dst+capture entrannas+cl dst+cl entrannas+capture+cl \
 dst+capture+cl}
 BENCH_LIMIT=${BENCH_LIMIT:-220}
+ARCH=${ARCH:-DARTS_V2 dst=benchmarks/genotypes/dst-digits.json}
+ARCH_CONFIGS=${ARCH_CONFIGS:-darts entrannas+capture+bf16+cl dst+capture+bf16+cl entrannas+capture dst+capture dst}
+ARCH_LIMIT=${ARCH_LIMIT:-90}
 CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+bf16+cl entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
 CHURN_LIMIT=${CHURN_LIMIT:-50}
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
@@ -69,6 +78,7 @@ bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
 }
 SETTLED="--steps 5 --repeats 3 --warmup 4 --frozen-arch --check --profile $PROFILE"
 wanted bench && bench bench "$BENCH_LIMIT" "$SETTLED" $CONFIGS
+wanted arch && bench arch "$ARCH_LIMIT" "$SETTLED --arch $ARCH" $ARCH_CONFIGS
 wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4" $CHURN_CONFIGS
 
 # 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS.

@@ -17,6 +17,14 @@ after each configuration) and a short table. Ratios are only meaningful within o
 Each timed step does everything a search step does, the derivation of the structure included.
 With ``--frozen-arch`` the arch optimizer's learning rate is 0: the arithmetic is the same, but the
 derived structure cannot change while timing, as in a settled search (compiled graphs are reused).
+That structure is the initial one: random for ``entrannas``, every op on every edge for ``dst``
+(its thresholds keep everything at first), which is not what a search settles on. ``--arch G`` (a
+genotype: a zoo name such as ``DARTS_V2``, a JSON file or a search directory) times the search
+settled at G instead: alpha and beta are set so that the mode derives G
+(``SearchNetwork.set_architecture``; ``--frozen-arch`` implied; ``MODE=G`` entries give one mode
+its own, e.g. ``--arch DARTS_V2 dst=benchmarks/genotypes/dst-digits.json``, since the top-2 rule
+derives two inputs per node and DST any number), and the projection counts the warm-up epochs at
+the initial state's weight step, which is what a search runs then.
 ``--check`` compares each configuration's logits and gradients after the warm-up with the plain
 fp32 eager path from the same weights, on the same device. ``--profile N`` profiles N more steps
 and records where their time goes: on a GPU the kernels by device time, on the CPU the aten ops
@@ -50,9 +58,12 @@ from torch.utils._pytree import tree_leaves
 from .bilevel import BilevelOptimizer, full_precision
 from .compiled import CAPTURE
 from .config import MODES, ConfigError, SearchConfig, check_device_support
+from .derive import arch_for_genotype
+from .genotype import GenotypeError
 from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels
 from .supernet import SearchNetwork, SupernetSpec
+from .zoo import load_genotype
 
 STEPS_PER_EPOCH_CIFAR = 25_000
 VARIANTS = {
@@ -83,6 +94,19 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
                         batch_size=args.batch_size, epochs=50, arch_warmup_epochs=15, compile_after=1,
                         **changes).resolve()
+
+
+def arch_of(arch: list[str] | None, mode: str) -> str | None:
+    """The genotype ``--arch`` gives ``mode``: its ``MODE=GENOTYPE`` entry, else the plain one."""
+    plain = None
+    for entry in arch or ():
+        key, sep, value = entry.partition("=")
+        if sep and key in MODES:
+            if key == mode:
+                return value
+        else:
+            plain = entry
+    return plain
 
 
 def _sync(device: torch.device) -> None:
@@ -191,7 +215,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
     model.compile_structures(config.compile, config.compile_backend, config.compile_after, config.compile_cache)
     opt = BilevelOptimizer(model, config)
-    if args.frozen_arch:
+    arch = arch_of(args.arch, config.mode)
+    if args.frozen_arch or arch:
         for group in opt.a_optimizer.param_groups:
             group["lr"] = 0.0
     gen = torch.Generator().manual_seed(0)
@@ -201,6 +226,13 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
     weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
 
+    initial_warm = None
+    if arch:
+        # The warm-up epochs run weight steps at the initial state, whatever the search settles on.
+        for i in range(args.warmup):
+            weight_step(i)
+        initial_warm = _timed_block(weight_step, args.steps, device)
+        model.set_architecture(load_genotype(arch))
     reset_peak_memory(device)
     rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
@@ -215,13 +247,17 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     blocks.sort()
     per_step = blocks[len(blocks) // 2]
     steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
-    projected = steps * (config.arch_warmup_epochs * warm + (config.epochs - config.arch_warmup_epochs) * per_step)
-    row = {"config": label, "mode": config.mode, "placement": config.placement,
+    warmup_epoch_step = warm if initial_warm is None else initial_warm
+    projected = steps * (config.arch_warmup_epochs * warmup_epoch_step
+                         + (config.epochs - config.arch_warmup_epochs) * per_step)
+    row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
            "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
            "transit": config.transit,
            "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
+           # --arch: the weight step at the initial state, which the projection's warm-up epochs use
+           "seconds_per_warmup_step_initial": initial_warm,
            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
            # CPU: how far the steps raised the process's resident peak (the model, the batches and
@@ -229,6 +265,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "cpu_peak_growth_mb": peak_memory_mb(torch.device("cpu")) - rss_before if device.type == "cpu" else None,
            "projected_50_epoch_minutes": projected / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
+           "genotype": model.genotype().to_dict(),   # derived at the end of timing
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
     if args.count_ops and config.compile == "off":
         row["op_count"] = count_ops(full_step)
@@ -267,6 +304,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off", help="torch.compile mode for every config")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--frozen-arch", action="store_true", help="arch lr 0 while timing: a settled structure")
+    p.add_argument("--arch", nargs="+", default=None, metavar="[MODE=]GENOTYPE",
+                   help="time the search settled at this genotype (zoo name, JSON file or search directory) "
+                        "instead of the initial state; MODE=GENOTYPE for one mode only "
+                        "(e.g. DARTS_V2 dst=dst.json); implies --frozen-arch")
     p.add_argument("--check", action="store_true", help="compare with the fp32 eager path after timing")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps per config: kernels (GPU) or aten ops (CPU) by time")
@@ -285,6 +326,13 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         for config in configs:
             check_device_support(config, device)
+        for label, config in zip(args.configs, configs):
+            source = arch_of(args.arch, config.mode)
+            if source:
+                try:   # at the bench's tau, 1 (nothing anneals it)
+                    arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)
+                except GenotypeError as e:
+                    raise ConfigError("--arch", source, f"{label} cannot derive it: {e}") from None
     except (ConfigError, ValueError) as e:
         print(f"entrannas-tune bench: {e}", file=sys.stderr)
         return 2
@@ -357,6 +405,11 @@ def table(rows: list[dict]) -> str:
                      f"{r['structures_while_timing']:>10}")
     lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
                  "when first seen, so use --frozen-arch for a settled search)")
+    settled = {r["config"]: r["arch"] for r in rows if r.get("arch")}
+    if settled:
+        where = ", ".join(f"{config} at {arch}" for config, arch in settled.items())
+        lines.append(f"(timed settled: {where}; the 50-epoch projection counts the warm-up epochs at the initial "
+                     "state's weight step)")
     counted = [r for r in rows if r.get("op_count")]
     if counted:
         lines.append("")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +26,24 @@ DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
 TRANSITS = ("sparse", "masked")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2's booleans: only true and false are booleans. PyYAML follows
+    YAML 1.1, where an unquoted on, off, yes, no, y or n is one too, so ``compile: off`` would read as
+    ``False`` and ``mode: n`` as ``False``; here they stay the strings that were written."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Every YAML the project reads (configs, sweep specs, ``--set`` values, saved runs) goes through here."""
+    return yaml.load(text, Loader=YamlLoader)
 
 
 class ConfigError(ValueError):
@@ -447,10 +466,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if target is str:
         if isinstance(value, str):
             return value
-        if name == "compile" and value is False:
-            return "off"    # YAML 1.1 reads an unquoted off (also no, false) as false
-        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote it)" if isinstance(value, bool) else ""
-        raise ConfigError(name, value, "must be a string" + hint)
+        raise ConfigError(name, value, "must be a string")
     return value
 
 
@@ -461,7 +477,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError("--set", pair, "expected key=value")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        out[key.strip()] = read_yaml(raw) if raw.strip() else None
     return out
 
 
@@ -477,7 +493,7 @@ def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str
         if not p.is_file():
             raise ConfigError("--config", str(path), "is not a readable file")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError("--config", str(path), f"is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .genotype import GenotypeError, genotype_masks
+
 #: Thresholds are capped just below 1 (our choice): in float32 sigmoid(beta) rounds to exactly 1
 #: for beta > ~17, which would prune a node's strongest input, against SPEC 4 step 5.
 MAX_THRESHOLD = 1.0 - 1e-6
@@ -125,3 +127,47 @@ def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 
 def dst_mask(q_hat: torch.Tensor) -> torch.Tensor:
     """Eq. 10: the derived set is every (edge, op) with a non-zero coefficient."""
     return q_hat.detach() > 0
+
+
+def arch_for_genotype(genotype, mode: str, primitives: Sequence[str], n_nodes: int, tau: float,
+                      n_inputs: int = 2) -> tuple:
+    """Architecture parameters ``(alpha_normal, alpha_reduce, beta_normal, beta_reduce)`` from which
+    ``mode``'s derivation at ``tau`` gives ``genotype`` (the betas are None outside DST): the inverse
+    of derivation, for starting a search, or timing one, at a known architecture.
+
+    Top-2 rule (entrannas, darts): each node needs exactly two inputs from different states; the
+    chosen op of a chosen edge leads its edge by 10 in alpha, every other entry is 0. DST: the ops
+    an edge keeps share its ``p`` evenly (the others get 1e-6), an edge that keeps none is uniform,
+    and each node's threshold sits halfway between its weakest kept and strongest dropped ``p_hat``.
+    That fails only where a node both keeps every op of one edge and drops another edge (both are
+    uniform). Raises ``GenotypeError`` saying which node cannot be derived."""
+    masks = genotype_masks(genotype, primitives, n_nodes)
+    layout = edge_layout(n_nodes, n_inputs)
+    node_edges = [[e for e, (_, target) in enumerate(layout) if target == j] for j in range(n_nodes)]
+    alphas, betas = [], []
+    for name, mask in zip(("normal", "reduce"), masks):
+        if mode != "dst":
+            for j, edges in enumerate(node_edges):
+                used = [e for e in edges if mask[e].any()]
+                pairs = int(mask[edges].sum())
+                if len(used) != 2 or pairs != 2:
+                    raise GenotypeError(f"{name}: node {j + n_inputs} takes {pairs} input(s) from {len(used)} "
+                                        f"state(s); the top-2 rule of mode {mode} derives exactly two, from "
+                                        "different states")
+            alphas.append(torch.where(mask, 10.0, 0.0))
+            continue
+        kept = mask.sum(dim=1, keepdim=True)
+        p = torch.where(mask, 1.0 / kept.clamp_min(1), 1e-6)                           # [E, K]
+        p = torch.where(kept == 0, 1.0 / len(primitives), p)
+        alphas.append(tau * torch.log(p))          # softmax(alpha / tau) = p (each row sums to ~1)
+        thresholds = []
+        for j, edges in enumerate(node_edges):
+            p_hat = p[edges] / p[edges].max()                                          # Eq. 7
+            on = p_hat[mask[edges]].min()
+            off = p_hat[~mask[edges]].max() if not mask[edges].all() else torch.tensor(0.0)
+            if not off < on:
+                raise GenotypeError(f"{name}: node {j + n_inputs} cannot be derived by DST: an edge that "
+                                    "keeps every op and an edge that keeps none weigh the same")
+            thresholds.append(float(off + on) / 2)
+        betas.append(torch.logit(torch.tensor(thresholds)))
+    return alphas[0], alphas[1], (betas[0] if betas else None), (betas[1] if betas else None)

@@ -175,3 +175,37 @@ def genotype_from_masks(mask_normal, mask_reduce, primitives: Sequence[str], n_n
 
     concat = list(range(N_INPUTS, N_INPUTS + n_nodes))
     return Genotype.build(cell(mask_normal), concat, cell(mask_reduce), concat)
+
+
+def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int):
+    """The inverse of ``genotype_from_masks``: bool masks ``[E, K]`` (normal, reduction) that mark
+    the genotype's (edge, op) pairs. Raises ``GenotypeError`` where the genotype does not fit a
+    super-net cell of ``n_nodes`` nodes over ``primitives``: another node count, an op that is no
+    candidate, a pair listed twice, or a cell output that is not every intermediate node (a
+    super-net cell concatenates them all)."""
+    import torch
+
+    from .derive import edge_layout, num_edges
+
+    edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
+    masks = []
+    for name in ("normal", "reduce"):
+        nodes, concat = getattr(genotype, name), getattr(genotype, f"{name}_concat")
+        if len(nodes) != n_nodes:
+            raise GenotypeError(f"{name}: the genotype has {len(nodes)} intermediate nodes; the super-net's "
+                                f"cells have {n_nodes}")
+        if tuple(concat) != tuple(range(N_INPUTS, N_INPUTS + n_nodes)):
+            raise GenotypeError(f"{name}_concat: {list(concat)}; a super-net cell outputs every intermediate "
+                                f"node ({list(range(N_INPUTS, N_INPUTS + n_nodes))})")
+        mask = torch.zeros(num_edges(n_nodes, N_INPUTS), len(primitives), dtype=torch.bool)
+        for j, node in enumerate(nodes):
+            for op, i in node:
+                if op not in primitives:
+                    raise GenotypeError(f"{name}: node {j + N_INPUTS} uses {op!r}, which is not a candidate "
+                                        f"here; candidates: {', '.join(primitives)}")
+                e, k = edge_of[(i, j)], list(primitives).index(op)
+                if mask[e, k]:
+                    raise GenotypeError(f"{name}: node {j + N_INPUTS} lists ({op!r}, {i}) twice")
+                mask[e, k] = True
+        masks.append(mask)
+    return masks[0], masks[1]

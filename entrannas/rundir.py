@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 import yaml
 
+from .config import read_yaml
+
 CONFIG, HISTORY, CHECKPOINT = "config.yaml", "history.jsonl", "checkpoint.pt"
 
 
@@ -42,7 +44,7 @@ class RunDir:
                               "or choose another directory")
         saved_path = self.path / CONFIG
         if resume and saved_path.exists():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
+            saved = read_yaml(saved_path.read_text()) or {}
             defaults = defaults or {}
             changed = sorted(k for k in set(saved) | set(config)
                              if k not in ("device", "num_workers") and saved.get(k) != config.get(k)

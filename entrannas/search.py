@@ -13,8 +13,8 @@ from .bilevel import BilevelOptimizer, full_precision
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
-from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
-                      rng_state, seed_everything, set_rng_state, use_fast_kernels)
+from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
+                      seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
 
@@ -131,7 +131,7 @@ class Search(EpochJob):
             "thresholds": thr,
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
-            "device": str(self.device),
+            **where_it_ran(self.device),
         }
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import derive
 from .compiled import CAPTURE, DEFAULT_CAPACITY, CapturedStructures, CompiledStructures, HotStructures, default_after
-from .genotype import N_INPUTS, Genotype, genotype_from_masks
+from .genotype import N_INPUTS, Genotype, GenotypeError, genotype_from_masks, genotype_masks
 from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
 
 ARCH_PARAMETER_NAMES = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
@@ -375,6 +375,27 @@ class SearchNetwork(nn.Module):
         with torch.no_grad():
             masks = self.derived_masks(self.arch_weights(detach=True))
         return genotype_from_masks(masks[0], masks[1], self.primitives, self.spec.nodes)
+
+    @torch.no_grad()
+    def set_architecture(self, genotype: Genotype) -> None:
+        """Set alpha (and DST's beta) so that the derivation at the current tau gives ``genotype``
+        (``derive.arch_for_genotype``): a search state whose derived architecture is known, such as
+        a settled one for the bench. Raises ``GenotypeError`` where the mode cannot derive it, and
+        then leaves alpha and beta as they were."""
+        arch = derive.arch_for_genotype(genotype, self.spec.mode, self.primitives, self.spec.nodes, self.tau)
+        saved = [p.detach().clone() for p in self.arch_parameters()]
+        params = (self.alpha_normal, self.alpha_reduce, self.beta_normal, self.beta_reduce)
+        for param, value in zip(params, arch):
+            if param is not None:
+                param.copy_(value)
+        self.arch_changed()
+        wanted = genotype_masks(genotype, self.primitives, self.spec.nodes)
+        derived = genotype_masks(self.genotype(), self.primitives, self.spec.nodes)
+        if not all(torch.equal(a, b) for a, b in zip(derived, wanted)):   # a safeguard: not seen
+            for param, old in zip(self.arch_parameters(), saved):
+                param.copy_(old)
+            self.arch_changed()
+            raise GenotypeError(f"mode {self.spec.mode} at tau {self.tau} did not derive the genotype back")
 
     def _plan(self, mask: torch.Tensor, device: torch.device) -> CellPlan:
         key = (tuple(mask.shape), mask.numpy().tobytes(), device)

@@ -14,7 +14,7 @@ from .data import build_eval_data
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
 from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
-                      rng_state, seed_everything, set_rng_state, use_fast_kernels, fused_available)
+                      rng_state, seed_everything, set_rng_state, use_fast_kernels, fused_available, where_it_ran)
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -88,7 +88,7 @@ class Evaluation(EpochJob):
                   "train_loss": train_loss / n, "train_acc": train_correct / n,
                   "test_loss": test_loss, "test_error": 1.0 - test_acc,
                   "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
-                  "device": str(self.device)}
+                  **where_it_ran(self.device)}
         self.epoch += 1
         return record
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from entrannas.config import ConfigError, EvalConfig, SearchConfig, parse_overrides
+from entrannas.config import ConfigError, EvalConfig, SearchConfig, parse_overrides, read_yaml
 
 TOP_KEYS = ("name", "base", "sweep", "resources", "max_concurrent", "max_failures", "evaluate")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -207,7 +207,7 @@ def load_spec(path: os.PathLike, overrides: Optional[list[str]] = None) -> Sweep
     if not p.is_file():
         raise _fail("spec", str(path), "is not a readable file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = read_yaml(p.read_text())
     except yaml.YAMLError as e:
         raise _fail("spec", str(path), f"is not valid YAML: {e}") from None
     return spec_from_dict(data, overrides)

@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 import yaml
 
+from entrannas.config import read_yaml
+
 from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict
 
 SPEC_FILE = "sweep.yaml"
@@ -168,7 +170,7 @@ def load_experiment_spec(experiment: os.PathLike) -> SweepSpec:
     if not path.is_file():
         raise ExperimentError(f"{experiment}: not a sweep experiment directory (no {SPEC_FILE})")
     try:
-        return spec_from_dict(yaml.safe_load(path.read_text()))
+        return spec_from_dict(read_yaml(path.read_text()))
     except SpecError as e:
         raise ExperimentError(f"{path}: {e}") from None
 

@@ -41,7 +41,7 @@ def search_metrics(record: dict) -> dict:
         "thresholds_reduce": thresholds.get("reduce"),
         "search_seconds": record["seconds"],
         "peak_memory_mb": record["peak_memory_mb"],
-        "device": record["device"],
+        **{key: record.get(key) for key in ("device", "device_name", "torch", "threads")},
     }
 
 

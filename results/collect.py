@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import pandas as pd
-import yaml
 
+from entrannas.config import read_yaml
 from entrannas.genotype import Genotype
 
 STATUSES = ("done", "failed", "diverged", "running")
@@ -46,7 +46,7 @@ def kind_of(path: Path) -> str:
 
 
 def _is_eval_config(path: Path) -> bool:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = read_yaml((path / "config.yaml").read_text()) or {}
     return "auxiliary" in config and "mode" not in config
 
 
@@ -108,7 +108,7 @@ def _error_text(trial_dir: Path, rows: list[dict]) -> Optional[str]:
 
 
 def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
-    spec = yaml.safe_load((experiment / "sweep.yaml").read_text()) or {}
+    spec = read_yaml((experiment / "sweep.yaml").read_text()) or {}
     base = spec.get("base") or {}
     gpu = float((spec.get("resources") or {}).get("gpu", 0))
     eval_gpu = float(((spec.get("evaluate") or {}).get("resources") or {}).get("gpu", gpu))
@@ -171,7 +171,7 @@ def _epoch_row(trial: dict, record: dict) -> dict:
 
 # -- single runs ----------------------------------------------------------------------------------
 def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = read_yaml((path / "config.yaml").read_text()) or {}
     history = _read_jsonl(path / "history.jsonl")
     genotype_path = path / "genotype.json"
     genotype = json.loads(genotype_path.read_text()) if genotype_path.is_file() else None

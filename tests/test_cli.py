@@ -7,7 +7,7 @@ import yaml
 
 import entrannas.search
 from entrannas.cli import main
-from entrannas.config import ConfigError, SearchConfig, load_config
+from entrannas.config import ConfigError, SearchConfig, load_config, read_yaml
 
 FAST = ["--set", "layers=3", "--set", "init_channels=4", "--set", "subset_fraction=0.2", "--set", "batch_size=64"]
 
@@ -88,14 +88,19 @@ def test_yaml_numbers_and_dataset_defaults(tmp_path):
     assert cifar.engine_cells() == {0, 2}, "SPEC 2: cells 0 and 2 of an 8-cell net"
 
 
-def test_compile_off_may_be_written_unquoted(tmp_path):
-    """YAML 1.1 reads an unquoted ``off`` as false; ``compile: off`` is the documented default."""
+def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
+    """YAML 1.1 (PyYAML's) reads an unquoted off, yes, n... as booleans; ``compile: off`` is the
+    documented default, so every YAML the project reads takes YAML 1.2's booleans."""
     path = tmp_path / "c.yaml"
-    path.write_text("compile: off\n")
-    assert load_config(path).compile == "off"
+    path.write_text("compile: off\nfeature_sharing: false\n")
+    assert load_config(path).compile == "off" and load_config(path).feature_sharing is False
     assert load_config(None, ["compile=off", "transit=masked"]).compile == "off"
-    with pytest.raises(ConfigError, match="transit = True: must be a string .YAML reads unquoted on/off"):
+    with pytest.raises(ConfigError, match="transit = 'yes': allowed: sparse, masked"):
         load_config(None, ["transit=yes"])
+    with pytest.raises(ConfigError, match="feature_sharing = 'on': must be true or false"):
+        load_config(None, ["feature_sharing=on"])
+    assert read_yaml("[on, off, yes, no, y, n, True, FALSE, 1e-3, null]") == [
+        "on", "off", "yes", "no", "y", "n", True, False, "1e-3", None]
 
 
 def test_resolved_config_is_valid_and_round_trips():

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 
 from entrannas.bench import main as bench_main
 from entrannas.bilevel import BilevelOptimizer
+from entrannas.genotype import Genotype, genotype_masks
+from entrannas.ops import DARTS_PRIMITIVES
+from entrannas.zoo import ZOO, load_genotype
 
 from conftest import tiny_batch, tiny_config, tiny_net
+
+DST_PRIMS = tuple(p for p in DARTS_PRIMITIVES if p != "none")
+DST_GENOTYPE = Path(__file__).resolve().parent.parent / "benchmarks" / "genotypes" / "dst-digits.json"
 
 
 def outputs_and_grads(mode: str, **changes):
@@ -99,6 +105,32 @@ def test_bench_counts_the_kernels_and_bytes_of_a_step(capsys):
     assert "kernel-launching ops per step" in captured.err
 
 
+def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
+    """--arch: each mode runs its genotype's structure while timing (MODE=GENOTYPE for one mode); the
+    warm-up epochs are projected at the initial state's weight step (DST: every op on every edge)."""
+    genotype = tmp_path / "g.json"
+    genotype.write_text(ZOO["PC_DARTS"].to_json())
+    assert bench_main(["--configs", "entrannas", "dst", "darts", "--layers", "3", "--channels", "4",
+                       "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                       "--count-ops", "--device", "cpu", "--arch", str(genotype), f"dst={DST_GENOTYPE}"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["results"]
+    for r in rows:
+        wanted = DST_GENOTYPE if r["mode"] == "dst" else genotype
+        assert r["arch"] == str(wanted) and r["structures_while_timing"] == 1
+        timed, prims = Genotype.from_dict(r["genotype"]), (DST_PRIMS if r["mode"] == "dst" else DARTS_PRIMITIVES)
+        assert all(torch.equal(a, b) for a, b in zip(genotype_masks(timed, prims, 4),
+                                                     genotype_masks(load_genotype(str(wanted)), prims, 4)))
+        assert r["seconds_per_warmup_step_initial"] > 0
+        steps = -(-25_000 // 4)
+        assert r["projected_50_epoch_minutes"] * 60 == pytest.approx(
+            steps * (15 * r["seconds_per_warmup_step_initial"] + 35 * r["seconds_per_step"]))
+    entrannas, dst, darts = (r["op_count"]["ops_per_step"] for r in rows)
+    # Settled at 25 ops in its two cells, DST's Engine-cells run those alone; EnTranNAS's run every op.
+    assert dst < entrannas < darts
+    assert "timed settled: entrannas at " in captured.err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--configs", "enas"], "--configs = 'enas': starts with a mode"),
     (["--configs", "dst+turbo"], "--configs = 'dst+turbo': unknown variant 'turbo'"),
@@ -106,6 +138,10 @@ def test_bench_counts_the_kernels_and_bytes_of_a_step(capsys):
     (["--profile", "-1"], "--profile = -1: must be >= 0"),
     (["--configs", "dst+compile", "--compile-backend", "nope"], "compile_backend = 'nope': allowed:"),
     (["--configs", "dst", "dst+bf16+cl"], "channels_last = True: with precision bf16 on the CPU"),
+    (["--configs", "dst", "--arch", "nosuch"], "'nosuch' is neither a known name"),
+    (["--configs", "dst", "--arch", "NASNet"], "--arch = 'NASNet': dst cannot derive it: normal: the genotype has 5"),
+    (["--configs", "dst", "entrannas", "--arch", "DARTS_V2", f"entrannas={DST_GENOTYPE}"],
+     "dst-digits.json': entrannas cannot derive it: normal: node 3 takes 3 input(s)"),
 ])
 def test_bench_refuses_bad_input_before_timing(args, message, capsys, monkeypatch):
     monkeypatch.setattr("entrannas.bench.measure", lambda *a: pytest.fail("timed despite bad input"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from entrannas.genotype import Genotype, GenotypeError, genotype_from_masks
+from entrannas.genotype import Genotype, GenotypeError, genotype_from_masks, genotype_masks
 from entrannas.zoo import ZOO, darts_notation
 
 
@@ -79,3 +79,30 @@ def test_genotype_from_masks_lists_every_kept_pair():
     assert g.normal == ((("sep_conv_3x3", 0), ("skip_connect", 0)),
                         (("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2), ("skip_connect", 2)))
     assert g.normal_concat == (2, 3)
+
+
+def test_genotype_masks_inverts_genotype_from_masks():
+    prims = ["sep_conv_3x3", "skip_connect", "max_pool_3x3"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        masks = [torch.rand(14, 3, generator=gen) < 0.3 for _ in range(2)]
+        for m in masks:   # every node needs an input
+            for first in (0, 2, 5, 9):
+                m[first, 0] = True
+        back = genotype_masks(genotype_from_masks(*masks, prims, n_nodes=4), prims, n_nodes=4)
+        assert all(torch.equal(a, b) for a, b in zip(back, masks))
+
+
+@pytest.mark.parametrize("genotype, prims, message", [
+    ("NASNet", ("sep_conv_3x3",), "5 intermediate nodes"),
+    ("DARTS_V2", ("sep_conv_3x3", "max_pool_3x3", "skip_connect"), "'dil_conv_3x3', which is not a candidate"),
+])
+def test_genotype_masks_refuses_what_a_supernet_cell_cannot_hold(genotype, prims, message):
+    with pytest.raises(GenotypeError, match=message):
+        genotype_masks(ZOO[genotype], prims, n_nodes=4)
+    twice = Genotype.build([[("skip_connect", 0), ("skip_connect", 0)]], [2], [[("skip_connect", 1)]], [2])
+    with pytest.raises(GenotypeError, match="twice"):
+        genotype_masks(twice, ("skip_connect",), n_nodes=1)
+    partial = Genotype.build([[("skip_connect", 0)], [("skip_connect", 2)]], [3], [[("skip_connect", 1)]] * 2, [2, 3])
+    with pytest.raises(GenotypeError, match="normal_concat"):
+        genotype_masks(partial, ("skip_connect",), n_nodes=2)

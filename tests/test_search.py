@@ -36,6 +36,9 @@ def test_records_carry_what_spec_6_lists():
         assert key in record
     assert len(record["thresholds"]["normal"]) == 4 and record["tau"] == 1.0
     assert record["kept_connections"]["reduce"] == [len(n) for n in record["genotype"]["reduce"]]
+    # where it ran: the thread count changes the trajectory of a seed, so it is recorded
+    assert (record["device"], record["device_name"]) == ("cpu", None)
+    assert record["torch"] == torch.__version__ and record["threads"] == torch.get_num_threads()
 
 
 def test_resumed_search_equals_uninterrupted(tmp_path):

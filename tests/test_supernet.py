@@ -5,11 +5,13 @@ import torch
 
 from entrannas import derive
 from entrannas.bench import OpCounter
-from entrannas.genotype import N_INPUTS
+from entrannas.genotype import N_INPUTS, Genotype, GenotypeError, genotype_masks
 from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
 from entrannas.ops import DARTS_PRIMITIVES, ReLUFirst
 
-from conftest import tiny_config, tiny_net
+from entrannas.zoo import ZOO
+
+from conftest import tiny_batch, tiny_config, tiny_net
 
 DST_PRIMS = tuple(p for p in DARTS_PRIMITIVES if p != "none")
 
@@ -378,3 +380,42 @@ def test_top2_derivation_ranks_edges_that_float32_p_would_tie():
         net.alpha_normal[2:5, sep] = torch.tensor([2.0, 2.5, 3.0])   # node 1's three edges
     node1 = net.genotype().normal[1]
     assert sorted(src for _, src in node1) == [1, 2] and all(op == "sep_conv_3x3" for op, _ in node1)
+
+
+FLEXIBLE = Genotype.build(   # DST's kind: 1, 3, 2 and 4 inputs, two ops on one edge
+    [[("sep_conv_3x3", 1)], [("skip_connect", 0), ("dil_conv_5x5", 0), ("max_pool_3x3", 2)],
+     [("avg_pool_3x3", 3), ("sep_conv_5x5", 1)],
+     [("skip_connect", 0), ("skip_connect", 1), ("sep_conv_3x3", 4), ("dil_conv_3x3", 4)]], [2, 3, 4, 5],
+    [[("max_pool_3x3", 0), ("max_pool_3x3", 1)]] + [[("skip_connect", j)] for j in (2, 3, 4)], [2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "darts", "dst"])
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_set_architecture_makes_the_derivation_give_the_genotype(mode, tau):
+    net = tiny_net(mode=mode)
+    net.tau = tau
+    choices = ["DARTS_V2", "PC_DARTS"] + (["FLEXIBLE"] if mode == "dst" else [])
+    for name in choices:
+        genotype = FLEXIBLE if name == "FLEXIBLE" else ZOO[name]
+        net.set_architecture(genotype)
+        derived = genotype_masks(net.genotype(), net.primitives, net.spec.nodes)
+        assert all(torch.equal(a, b) for a, b in zip(derived, genotype_masks(genotype, net.primitives, 4))), name
+        # the structure a forward runs is the genotype's too (a new key after each change)
+        net(tiny_batch(0)[0])
+        assert torch.equal(net.last_masks[0], derived[0]) and torch.equal(net.last_masks[1], derived[1])
+
+
+def test_set_architecture_refuses_what_the_mode_cannot_derive_and_keeps_alpha():
+    top2 = tiny_net(mode="entrannas")
+    before = [p.detach().clone() for p in top2.arch_parameters()]
+    with pytest.raises(GenotypeError, match="node 2 takes 1 input.s. from 1 state"):
+        top2.set_architecture(FLEXIBLE)
+    dst = tiny_net(mode="dst")
+    prims = dst.primitives
+    every_op = Genotype.build([[("skip_connect", 0)], [(op, 0) for op in prims], [("skip_connect", 0)],
+                               [("skip_connect", 0)]], [2, 3, 4, 5], FLEXIBLE.reduce, [2, 3, 4, 5])
+    dst_before = [p.detach().clone() for p in dst.arch_parameters()]
+    with pytest.raises(GenotypeError, match="node 3 cannot be derived by DST"):
+        dst.set_architecture(every_op)
+    for net, saved in ((top2, before), (dst, dst_before)):
+        assert all(torch.equal(p, s) for p, s in zip(net.arch_parameters(), saved))
