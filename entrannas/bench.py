@@ -226,15 +226,16 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
     weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
 
+    reset_peak_memory(device)
+    rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
     initial_warm = None
     if arch:
-        # The warm-up epochs run weight steps at the initial state, whatever the search settles on.
+        # The warm-up epochs run weight steps at the initial state, whatever the search settles on
+        # (their memory counts in the peak too).
         for i in range(args.warmup):
             weight_step(i)
         initial_warm = _timed_block(weight_step, args.steps, device)
         model.set_architecture(load_genotype(arch))
-    reset_peak_memory(device)
-    rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
     derivations, structures = model.derivations, set()
     blocks = []
