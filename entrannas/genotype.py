@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
 from .ops import OPS
 
 N_INPUTS = 2
@@ -183,9 +185,7 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int):
     super-net cell of ``n_nodes`` nodes over ``primitives``: another node count, an op that is no
     candidate, a pair listed twice, or a cell output that is not every intermediate node (a
     super-net cell concatenates them all)."""
-    import torch
-
-    from .derive import edge_layout, num_edges
+    from .derive import edge_layout, num_edges   # here: derive imports this module
 
     edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
     masks = []
