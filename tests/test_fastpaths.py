@@ -249,3 +249,32 @@ def test_structure_churn_runs_a_search_per_mode(capsys, tmp_path):
     assert row["steps"] > 0 and row["steps"] % 2 == 0        # every step of both epochs (no warm-up)
     assert 1 <= row["structures"] <= row["steps"] and row["built_share"]["2"] <= 1.0
     assert "share of the steps that run built" in capsys.readouterr().err
+
+
+def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
+    """A typo in benchmarks/gpu_session.sh would cost a lent GPU's few minutes: its default
+    configurations must parse, and its --arch genotypes must be derivable by each mode."""
+    import argparse
+    import subprocess
+
+    from entrannas.bench import arch_of, parse_label
+    from entrannas.derive import arch_for_genotype
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "benchmarks" / "gpu_session.sh").read_text()
+    defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
+    names = ("CONFIGS", "ARCH", "ARCH_CONFIGS", "CHURN_CONFIGS", "INDUCTOR_CONFIGS")
+    shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=root,
+                           capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    values = dict(zip(names, shown.splitlines()))
+    args = argparse.Namespace(precision="fp32", channels_last=False, compile="off", compile_backend="inductor",
+                              layers=8, channels=16, batch_size=256, image_size=32)
+    labels = [label for n in names if n != "ARCH" for label in values[n].split()]
+    assert len(labels) >= 20 and "dst+capture+bf16+cl" in labels
+    arch = values["ARCH"].split()
+    for label in labels:
+        config = parse_label(label, args)
+        if label in values["ARCH_CONFIGS"].split():
+            source = arch_of(arch, config.mode)
+            source = source if source in ZOO else str(root / source)
+            arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)
