@@ -7,7 +7,8 @@
 #   bench     seconds per step, memory, projections, a check against fp32 eager and a kernel profile
 #             (--profile) per configuration: DARTS first (the ratios' base), the defaults eager, CUDA
 #             graphs recorded from the eager kernels (compile: capture; built in about one eager step),
-#             then channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
+#             the same with each source's ops on 4 CUDA streams (+streams: graphs that branch), then
+#             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
 #             of the NCHW ones);
 #   arch      the same, settled at a searched architecture instead of the initial state (random for
 #             entrannas; every op on every edge for dst): DARTS_V2 (mostly separable convs) for the
@@ -40,11 +41,13 @@ SEARCH_SIZE=${SEARCH_SIZE:-}
 BACKEND=${BACKEND:-inductor}
 STAGES=${STAGES:-bench arch churn tests search}
 CONFIGS=${CONFIGS:-darts entrannas dst entrannas+capture+bf16+cl dst+capture+bf16+cl \
+entrannas+capture+bf16+cl+streams dst+capture+bf16+cl+streams \
 entrannas+masked+capture+bf16+cl entrannas+capture dst+capture entrannas+cl dst+cl entrannas+capture+cl \
 dst+capture+cl}
 BENCH_LIMIT=${BENCH_LIMIT:-220}
 ARCH=${ARCH:-DARTS_V2 dst=benchmarks/genotypes/dst-digits.json}
-ARCH_CONFIGS=${ARCH_CONFIGS:-darts entrannas+capture+bf16+cl dst+capture+bf16+cl entrannas+capture dst+capture dst}
+ARCH_CONFIGS=${ARCH_CONFIGS:-darts entrannas+capture+bf16+cl dst+capture+bf16+cl dst+capture+bf16+cl+streams \
+entrannas+capture dst+capture dst}
 ARCH_LIMIT=${ARCH_LIMIT:-90}
 CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+bf16+cl entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
 CHURN_LIMIT=${CHURN_LIMIT:-50}

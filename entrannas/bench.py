@@ -10,7 +10,8 @@ placement, sharing and bottleneck ratio, optionally followed by fast-path varian
 graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
 ``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile or tracing),
 ``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
-search, whatever the derived architecture),
+search, whatever the derived architecture), ``streams`` (``op_streams: 4``: the ops of a source on
+four CUDA streams at once),
 e.g. ``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
 after each configuration) and a short table. Ratios are only meaningful within one run.
 
@@ -75,6 +76,7 @@ VARIANTS = {
     "autotune": {"compile": "max-autotune"},
     "capture": {"compile": CAPTURE},
     "masked": {"transit": "masked"},
+    "streams": {"op_streams": 4},
 }
 
 
@@ -128,12 +130,12 @@ def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
     with sparse Transit-cells, from the same state: the largest error relative to the eager logits'
     scale, and the cosine similarity of the gradients."""
     model = opt.model
-    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False, transit="sparse"))
+    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False, transit="sparse", op_streams=1))
     reference = reference.to(next(model.parameters()).device)
     reference.load_state_dict(model.state_dict())
     reference.tau = model.tau
     plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", channels_last=False, compile="off",
-                                                           transit="sparse"))
+                                                           transit="sparse", op_streams=1))
     out = {}
     for name, arch_pass in (("arch_pass", True), ("weight_pass", False)):
         results = []
@@ -254,7 +256,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
            "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
-           "transit": config.transit,
+           "transit": config.transit, "op_streams": config.op_streams,
            "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
            # --arch: the weight step at the initial state, which the projection's warm-up epochs use
@@ -369,7 +371,8 @@ def add_payback(rows: list[dict], warmup_steps: int) -> None:
     """For each compiled configuration timed beside its eager twin (same mode, precision, layout and
     transit): how long building its graphs took (the warm-up beyond its steps) and after how many
     steps at one structure that time is won back (``None`` when compiling is not faster)."""
-    twin_key = lambda r: (r.get("mode"), r.get("precision"), r.get("channels_last"), r.get("transit", "sparse"))  # noqa: E731
+    twin_key = lambda r: (r.get("mode"), r.get("precision"), r.get("channels_last"),  # noqa: E731
+                          r.get("transit", "sparse"), r.get("op_streams", 1))
     eager = {twin_key(r): r for r in rows if "error" not in r and r["compile"] == "off"}
     for r in rows:
         twin = eager.get(twin_key(r))

@@ -59,6 +59,8 @@ def check_device_support(config: "SearchConfig", device) -> None:
 
     Only the device a job runs on can tell (a sweep's trials may run on other machines than its
     driver), so jobs call this once they know their device."""
+    if config.op_streams > 1 and device.type != "cuda":
+        raise ConfigError("op_streams", config.op_streams, f"more than 1 needs a CUDA device; this job runs on {device}")
     if config.compile == CAPTURE and device.type != "cuda":
         raise ConfigError("compile", config.compile,
                           f"records CUDA graphs, so it needs a CUDA device; this job runs on {device}")
@@ -186,6 +188,8 @@ class SearchConfig(FlatConfig):
     compile_after: Optional[int] = None  # steps in a row at one structure before it is built (compiled.py;
     #                                      default 400 for torch.compile, 3 for capture)
     compile_cache: int = DEFAULT_CAPACITY   # most derived structures built (capture: most recently used kept)
+    op_streams: int = 1                 # CUDA streams a cell spreads the candidate ops of one source over
+    #                                     (1: the current stream only; see supernet.OpStreams)
 
     # -- defaults and checks ----------------------------------------------------------------------
     def resolve(self) -> "SearchConfig":
@@ -210,7 +214,7 @@ class SearchConfig(FlatConfig):
         """Check a resolved config; raises ``ConfigError`` on the first bad field."""
         self._check_choices()
         self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio",
-                                   "compile_after", "compile_cache"),
+                                   "compile_after", "compile_cache", "op_streams"),
                     nonneg_ints=("seed", "arch_warmup_epochs", "num_workers"),
                     nonneg=("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
                     positive=("lr", "arch_lr", "tau_start", "tau_end"),
@@ -264,6 +268,10 @@ class SearchConfig(FlatConfig):
                               "compile setting or unrolled: false")
         if self.compile in ("off", CAPTURE):
             return
+        if self.op_streams > 1:
+            raise ConfigError("op_streams", self.op_streams,
+                              f"more than 1 runs with compile: off or capture, not with torch.compile "
+                              f"(compile: {self.compile})")
         backends = compile_backends()
         if self.compile_backend not in backends:
             raise ConfigError("compile_backend", self.compile_backend, f"allowed: {', '.join(backends)}")

@@ -10,6 +10,8 @@ source (feature sharing), the ReLU that begins the conv ops once per source, an 
 weighting of one source's ops for all its nodes in one matrix product, and a Transit-cell's sum of
 one source's ops once for all the nodes that take it.
 
+With ``op_streams`` above 1 the ops of a source run on several CUDA streams at once (``OpStreams``).
+
 With ``transit="masked"`` a Transit-cell instead runs every candidate op and weights them by the
 derived 0/1 mask, computed on the device: the same arithmetic, more of it, but one structure for a
 whole search however often the derived architecture changes (``masked_structure``).
@@ -52,6 +54,7 @@ class SupernetSpec:
     beta_init: float = 0.0
     channels_last: bool = False
     transit: str = "sparse"  # sparse: run the derived ops only; masked: run every op, weighted by the 0/1 mask
+    op_streams: int = 1      # CUDA streams the candidate ops of one source are spread over (OpStreams)
 
     @classmethod
     def from_config(cls, config, num_classes: int, in_channels: int, stem: str) -> "SupernetSpec":
@@ -60,7 +63,7 @@ class SupernetSpec:
                    engine_cells=frozenset(config.engine_cells()), feature_sharing=config.feature_sharing,
                    bottleneck_ratio=config.bottleneck_ratio, num_classes=num_classes,
                    in_channels=in_channels, stem=stem, beta_init=config.beta_init,
-                   channels_last=config.channels_last, transit=config.transit)
+                   channels_last=config.channels_last, transit=config.transit, op_streams=config.op_streams)
 
 
 class DegenerateArchitecture(RuntimeError):
@@ -138,6 +141,46 @@ def weighted_sums(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(weights, feats, dims=1)
 
 
+class OpStreams:
+    """Runs the candidate ops of one source on up to ``n`` CUDA streams at once (``op_streams``).
+
+    After the bottleneck an op works on a few channels, so its kernels leave most of a GPU idle, and
+    on one stream (or in a CUDA graph recorded from one) each waits for the previous. Here the side
+    streams wait for the current one, the ops are dealt out round-robin (the first to the current
+    stream), and the current stream waits for every side stream before anything reads the results:
+    a fork and a join per source. Backward ops run on their forward op's stream (autograd's rule),
+    so the backward pass forks the same way, and a CUDA graph recorded from this keeps the branches.
+    Between fork and join the current stream has no other work and the sources stay referenced, so
+    no memory changes hands between streams while in use. One stream, or a CPU, runs them in turn.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self._side: dict[torch.device, list] = {}
+
+    def prepare(self, device: torch.device) -> None:
+        """Create the side streams for ``device`` (before any recording: creating one is no stream work)."""
+        if self.n > 1 and device.type == "cuda" and device not in self._side:
+            self._side[device] = [torch.cuda.Stream(device) for _ in range(self.n - 1)]
+
+    def run(self, fns: Sequence, device: torch.device) -> list[torch.Tensor]:
+        """``[fn() for fn in fns]``, on several streams where there are several and ``device`` is CUDA."""
+        side = self._side.get(device) if len(fns) > 1 else None
+        if not side:
+            return [fn() for fn in fns]
+        main = torch.cuda.current_stream(device)
+        lanes = [main] + side[:len(fns) - 1]
+        for stream in lanes[1:]:
+            stream.wait_stream(main)
+        out = []
+        for index, fn in enumerate(fns):
+            with torch.cuda.stream(lanes[index % len(lanes)]):
+                out.append(fn())
+        for stream in lanes[1:]:
+            main.wait_stream(stream)
+        return out
+
+
 @dataclass(frozen=True)
 class Structure:
     """One derived architecture of the whole net: the masks, each cell's plan, and a hashable key."""
@@ -187,37 +230,46 @@ class SearchCell(nn.Module):
         return unused
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan,
-                coef: Optional[torch.Tensor] = None) -> torch.Tensor:
+                coef: Optional[torch.Tensor] = None, streams: Optional[OpStreams] = None) -> torch.Tensor:
         """An Engine-cell's output with the coefficients ``coef`` (see ``CellPlan``), or with
-        ``coef=None`` a Transit-cell's: the plain sum of the derived ops."""
+        ``coef=None`` a Transit-cell's: the plain sum of the derived ops. ``streams`` runs the ops of a
+        source side by side."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         squeezed: dict[int, torch.Tensor] = {}
         activated: dict[int, torch.Tensor] = {}
+        features: dict[tuple[int, int], torch.Tensor] = {}   # (slot, op) -> [B, C, H, W]
 
         def source(i: int) -> torch.Tensor:
             if i not in squeezed:
                 squeezed[i] = states[i] if self.squeeze is None else self.squeeze[i](states[i])
             return squeezed[i]
 
+        def slot_features(slot: int, i: int) -> list[torch.Tensor]:
+            """Every op the plan runs on ``slot`` (source state ``i``), computed together the first time."""
+            ks = plan.slot_ops[slot]
+            if (slot, ks[0]) not in features:
+                x = source(i)
+                if i not in activated and any(isinstance(self.ops[slot][k], ReLUFirst) for k in ks):
+                    activated[i] = F.relu(x)   # one ReLU per source for all the ops that begin with one
+                fns = [functools.partial(run, slot, i, k) for k in ks]
+                runner = streams.run if streams is not None else (lambda f, _: [fn() for fn in f])
+                features.update(zip(((slot, k) for k in ks), runner(fns, x.device)))
+            return [features[slot, k] for k in ks]
+
         def run(slot: int, i: int, k: int) -> torch.Tensor:
             op = self.ops[slot][k]
-            if isinstance(op, ReLUFirst):   # one ReLU per source for all the ops that begin with one
-                if i not in activated:
-                    activated[i] = F.relu(source(i))
+            if isinstance(op, ReLUFirst):
                 return op.forward_from_relu(activated[i])
             return op(source(i))
 
         if coef is None:
-            features: dict[tuple[int, int], torch.Tensor] = {}   # (slot, op) -> [B, C, H, W]
             partial: dict[int, torch.Tensor] = {}                # group -> the sum of its ops
             for j in range(self.n_nodes):
                 node = None
                 for g in plan.node_groups[j]:
                     if g not in partial:
                         slot, i, ks = plan.groups[g]
-                        for k in ks:
-                            if (slot, k) not in features:
-                                features[slot, k] = run(slot, i, k)
+                        slot_features(slot, i)
                         partial[g] = functools.reduce(torch.add, (features[slot, k] for k in ks))
                     node = partial[g] if node is None else node + partial[g]
                 states.append(node if self.expand is None else self.expand[j](node))
@@ -228,7 +280,7 @@ class SearchCell(nn.Module):
                 for m, r in plan.terms[j]:
                     if m not in mixed:
                         slot, i, lo, n_rows, n_ops = plan.mixes[m]
-                        feats = torch.stack([run(slot, i, k) for k in plan.slot_ops[slot]])
+                        feats = torch.stack(slot_features(slot, i))
                         weights = coef[lo:lo + n_rows * n_ops].view(n_rows, n_ops).to(feats.dtype)
                         mixed[m] = weighted_sums(weights, feats)
                     node = mixed[m][r] if node is None else node + mixed[m][r]
@@ -306,6 +358,8 @@ class SearchNetwork(nn.Module):
         self._unused: dict[tuple, list[nn.Parameter]] = {}
         self._host_key: Optional[bytes] = None            # masked: the last mask read on the host
         self.compiled: Optional[HotStructures] = None
+        # None for one stream: the plain path, the one torch.compile traces
+        self.op_streams = OpStreams(spec.op_streams) if spec.op_streams > 1 else None
         use_batch_statistics(self)
         if spec.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -500,6 +554,8 @@ class SearchNetwork(nn.Module):
         """Logits. ``arch_grad=False`` (the weight step) keeps alpha and beta out of the graph."""
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.op_streams is not None:
+            self.op_streams.prepare(x.device)
         weights = self.arch_weights(detach=not arch_grad)
         if self.spec.transit == "masked":
             structure = self.masked_structure(x.device)
@@ -527,7 +583,7 @@ class SearchNetwork(nn.Module):
                 coef = masks[1 if cell.reduction else 0][plan.rows, plan.cols].to(w.dtype)
             else:
                 coef = None
-            s0, s1 = s1, cell(s0, s1, plan, coef)
+            s0, s1 = s1, cell(s0, s1, plan, coef, self.op_streams)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def compile_structures(self, mode: str = "default", backend: str = "inductor", after: Optional[int] = None,

@@ -51,9 +51,17 @@ def grads(net):
     return [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
 
 
-@pytest.mark.parametrize("mode,transit", [("entrannas", "sparse"), ("dst", "sparse"), ("entrannas", "masked")])
-def test_compiled_pass_matches_eager_outputs_and_gradients(mode, transit):
-    eager, fast = pair(mode, transit=transit)
+# op_streams > 1 runs with capture or eagerly (torch.compile is refused): on a GPU the recorded graphs
+# then branch, and they must still compute what one stream computes eagerly.
+STREAMS = [("dst", "sparse", 4), ("entrannas", "masked", 4)] if _mode == "capture" else []
+
+
+@pytest.mark.parametrize("mode,transit,op_streams",
+                         [("entrannas", "sparse", 1), ("dst", "sparse", 1), ("entrannas", "masked", 1)] + STREAMS)
+def test_compiled_pass_matches_eager_outputs_and_gradients(mode, transit, op_streams):
+    eager = tiny_net(seed=0, mode=mode, transit=transit).to(DEVICE)
+    fast = tiny_net(seed=0, mode=mode, transit=transit, op_streams=op_streams).to(DEVICE)
+    fast.compile_structures(**COMPILE, after=1)
     x, _ = batch(0)
     for arch_grad in (True, False):          # the arch step's pass and the weight step's
         out = [net(x, arch_grad=arch_grad) for net in (eager, fast)]
@@ -251,6 +259,19 @@ def test_capture_needs_a_cuda_device_and_the_first_order_step():
         check_device_support(config, torch.device("cpu"))
     with pytest.raises(ConfigError, match="compile = 'capture': records the first-order step's passes"):
         tiny_config(compile="capture", unrolled=True)
+    if ON_CUDA:
+        check_device_support(config, DEVICE)
+
+
+def test_op_streams_need_a_cuda_device_and_no_torch_compile():
+    config = tiny_config(op_streams=4)
+    with pytest.raises(ConfigError, match="op_streams = 4: more than 1 needs a CUDA device"):
+        check_device_support(config, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="op_streams = 4: more than 1 runs with compile: off or capture"):
+        tiny_config(op_streams=4, compile="default", compile_backend="aot_eager")
+    with pytest.raises(ConfigError, match="op_streams = 0: must be"):
+        tiny_config(op_streams=0)
+    assert tiny_config(op_streams=4, compile="capture").op_streams == 4
     if ON_CUDA:
         check_device_support(config, DEVICE)
 

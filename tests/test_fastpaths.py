@@ -139,6 +139,7 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
     (["--configs", "dst+compile", "--compile-backend", "nope"], "compile_backend = 'nope': allowed:"),
     (["--configs", "dst", "dst+bf16+cl"], "channels_last = True: with precision bf16 on the CPU"),
     (["--configs", "dst", "--arch", "nosuch"], "'nosuch' is neither a known name"),
+    (["--configs", "dst+streams"], "op_streams = 4: more than 1 needs a CUDA device"),
     (["--configs", "dst", "--arch", "NASNet"], "--arch = 'NASNet': dst cannot derive it: normal: the genotype has 5"),
     (["--configs", "dst", "entrannas", "--arch", "DARTS_V2", f"entrannas={DST_GENOTYPE}"],
      "dst-digits.json': entrannas cannot derive it: normal: node 3 takes 3 input(s)"),

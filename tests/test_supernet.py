@@ -419,3 +419,52 @@ def test_set_architecture_refuses_what_the_mode_cannot_derive_and_keeps_alpha():
         dst.set_architecture(every_op)
     for net, saved in ((top2, before), (dst, dst_before)):
         assert all(torch.equal(p, s) for p, s in zip(net.arch_parameters(), saved))
+
+
+def test_op_streams_fork_before_and_join_after_the_ops_of_each_source(monkeypatch):
+    """op_streams: each source's ops are dealt round-robin over the current stream and the side
+    streams, which wait for the current stream first; the current stream waits for each side stream
+    before the results are read. Stand-in streams on the CPU: the same outputs and gradients as one
+    stream, and the fork/join order logged."""
+    from contextlib import contextmanager
+
+    log, current = [], []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    main = Stream("main")
+    current.append(main)
+
+    @contextmanager
+    def on(stream):
+        log.append(("on", stream.name))
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    plain, spread = tiny_net(mode="dst"), tiny_net(mode="dst", op_streams=3)
+    spread.op_streams._side[torch.device("cpu")] = [Stream("s1"), Stream("s2")]   # what prepare() makes on CUDA
+    x, _ = tiny_batch(0)
+    outs = [net(x) for net in (plain, spread)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for out in outs:
+        (out * torch.arange(10)).sum().backward()
+    for a, b in zip(spread.parameters(), plain.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # DST's initial cells run all 7 ops of each of the 5 sources: 3 cells x 5 forks of 7 ops
+    forks = [i for i, e in enumerate(log) if e == ("wait", "s1", "main")]
+    assert len(forks) == 3 * 5
+    for start in forks:
+        assert log[start:start + 2] == [("wait", "s1", "main"), ("wait", "s2", "main")]
+        assert [e[1] for e in log[start + 2:start + 9]] == ["main", "s1", "s2", "main", "s1", "s2", "main"]
+        assert log[start + 9:start + 11] == [("wait", "main", "s1"), ("wait", "main", "s2")]
+    assert current == [main]
