@@ -157,19 +157,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_processes_mentioning(text: str) -> None:
+def processes_mentioning(text: str) -> list[int]:
+    """Processes with ``text`` in their command line or their environment. Ray's workers rename
+    themselves (``ray::ImplicitFunc.train``), so only their environment (RAY_TMPDIR) still says
+    which cluster they belong to."""
+    found = []
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+            seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if text in cmdline and int(pid) != os.getpid():
+        if text.encode() in seen:
+            found.append(int(pid))
+    return found
+
+
+def kill_processes_mentioning(text: str, wait: float = 30.0) -> None:
+    """SIGKILL them, and wait until they are gone: a trial worker orphaned by a killed driver would
+    otherwise keep training, and writing into the experiment, while a resume starts."""
+    deadline = time.monotonic() + wait
+    while True:
+        pids = processes_mentioning(text)
+        for pid in pids:
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if not pids or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
 
 
 def cli(*args, env=None, **kwargs):
