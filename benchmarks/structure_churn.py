@@ -13,6 +13,7 @@ a run of L steps runs its last L - (A - 1) built. Prints JSON and a short table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -24,13 +25,7 @@ RUN_BINS = ((1, 1), (2, 4), (5, 9), (10, 49), (50, None))
 
 def runs_of(keys: list) -> list[int]:
     """Lengths of the stretches of equal consecutive keys."""
-    runs: list[int] = []
-    for i, key in enumerate(keys):
-        if i and key == keys[i - 1]:
-            runs[-1] += 1
-        else:
-            runs.append(1)
-    return runs
+    return [len(list(run)) for _, run in itertools.groupby(keys)]
 
 
 def built_share(runs: list[int], after: int) -> float:
@@ -55,7 +50,7 @@ def churn(mode: str, args: argparse.Namespace) -> dict:
     base = {"dataset": "digits", "epochs": args.epochs, "arch_warmup_epochs": args.epochs * 3 // 10,
             "arch_lr": args.arch_lr, "layers": 5, "init_channels": 8}
     search = Search(load_config(None, [*args.set, f"mode={mode}"], base=base))
-    keys: list[list] = []
+    keys: list[bytes] = []
     start, records = time.perf_counter(), []
     for _ in range(search.config.epochs):
         updating = search.epoch >= search.config.arch_warmup_epochs

@@ -190,10 +190,9 @@ def capture_cuda_graphs(fn: Callable, net: nn.Module, plans, args: tuple, pool) 
     never handed to another."""
     static = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
     if torch.is_grad_enabled():
-        graphed = torch.cuda.make_graphed_callables(_StructurePass(fn, net, plans), static,
-                                                    num_warmup_iters=CAPTURE_WARMUP,
-                                                    allow_unused_input=True, pool=pool)
-        return graphed
+        return torch.cuda.make_graphed_callables(_StructurePass(fn, net, plans), static,
+                                                 num_warmup_iters=CAPTURE_WARMUP, allow_unused_input=True,
+                                                 pool=pool)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

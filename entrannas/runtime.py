@@ -61,13 +61,16 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+#: The keys of ``where_it_ran``, which every epoch record carries.
+WHERE_IT_RAN = ("device", "device_name", "torch", "threads")
+
+
 def where_it_ran(device: torch.device) -> dict:
     """What beside the config and the seed decides a run's numbers, for its epoch records: the
     device, torch's version and its CPU thread count (reductions split over more threads add up
     in another order, so the same seed ends elsewhere)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return dict(zip(WHERE_IT_RAN, (str(device), name, torch.__version__, torch.get_num_threads())))
 
 
 def peak_memory_mb(device: torch.device) -> float:

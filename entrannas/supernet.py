@@ -252,8 +252,8 @@ class SearchCell(nn.Module):
                 if i not in activated and any(isinstance(self.ops[slot][k], ReLUFirst) for k in ks):
                     activated[i] = F.relu(x)   # one ReLU per source for all the ops that begin with one
                 fns = [functools.partial(run, slot, i, k) for k in ks]
-                runner = streams.run if streams is not None else (lambda f, _: [fn() for fn in f])
-                features.update(zip(((slot, k) for k in ks), runner(fns, x.device)))
+                outs = streams.run(fns, x.device) if streams is not None else [fn() for fn in fns]
+                features.update(zip(((slot, k) for k in ks), outs))
             return [features[slot, k] for k in ks]
 
         def run(slot: int, i: int, k: int) -> torch.Tensor:
@@ -355,7 +355,7 @@ class SearchNetwork(nn.Module):
         self.last_structure: Optional[Structure] = None   # what the last forward ran
         self._masked: Optional[Structure] = None          # masked Transit-cells: the one structure
         self._last_device_masks: Optional[torch.Tensor] = None   # masked: [2, E, K] of the last forward
-        self._unused: dict[tuple, list[nn.Parameter]] = {}
+        self._unused: dict[bytes, list[nn.Parameter]] = {}   # masked: derived masks -> params to skip
         self._host_key: Optional[bytes] = None            # masked: the last mask read on the host
         self.compiled: Optional[HotStructures] = None
         # None for one stream: the plain path, the one torch.compile traces
@@ -524,13 +524,12 @@ class SearchNetwork(nn.Module):
         masks = self._last_device_masks.cpu()
         self.derivations += 1
         self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
-        for index, cell in enumerate(self.cells):
-            plan = self._sparse_plan(cell, masks, torch.device("cpu"))   # what the sparse path runs
-            key = (index, id(plan))
-            if key not in self._unused:
-                self._unused[key] = cell.unused_parameters(plan)
-            for p in self._unused[key]:
-                p.grad = None
+        if self._host_key not in self._unused:   # what the sparse path would leave out, once per architecture
+            cpu = torch.device("cpu")
+            self._unused[self._host_key] = [p for cell in self.cells
+                                            for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))]
+        for p in self._unused[self._host_key]:
+            p.grad = None
 
     def _sparse_plan(self, cell: SearchCell, masks, device: torch.device) -> CellPlan:
         """The plan a cell runs on the sparse path for the derived ``masks`` (normal, reduction):

@@ -15,6 +15,7 @@ import torch
 from ray import tune
 
 from entrannas.config import EvalConfig, SearchConfig
+from entrannas.runtime import WHERE_IT_RAN
 from entrannas.search import Search, SearchDiverged
 from entrannas.train import Evaluation, TrainingDiverged
 
@@ -41,7 +42,7 @@ def search_metrics(record: dict) -> dict:
         "thresholds_reduce": thresholds.get("reduce"),
         "search_seconds": record["seconds"],
         "peak_memory_mb": record["peak_memory_mb"],
-        **{key: record.get(key) for key in ("device", "device_name", "torch", "threads")},
+        **{key: record.get(key) for key in WHERE_IT_RAN},
     }
 
 

@@ -351,7 +351,6 @@ def test_masked_and_sparse_searches_follow_one_trajectory():
     """Bi-level steps whose derived structure changes every step: SGD leaves the ops outside the
     derived set alone on both paths (no momentum, no weight decay), so they end at the same weights."""
     from entrannas.bilevel import BilevelOptimizer
-    from conftest import tiny_batch
 
     nets = [tiny_net(seed=0, mode="entrannas", transit=t).double() for t in ("sparse", "masked")]
     opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", transit=net.spec.transit, arch_lr=0.05))
