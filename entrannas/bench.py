@@ -27,9 +27,10 @@ its own, e.g. ``--arch DARTS_V2 dst=benchmarks/genotypes/dst-digits.json``, sinc
 derives two inputs per node and DST any number), and the projection counts the warm-up epochs at
 the initial state's weight step, which is what a search runs then.
 ``--check`` compares each configuration's logits and gradients after the warm-up with the plain
-fp32 eager path from the same weights, on the same device. ``--profile N`` profiles N more steps
-and records where their time goes: on a GPU the kernels by device time, on the CPU the aten ops
-by self time (the table prints the top few per configuration; the JSON keeps the top 25).
+fp32 eager path from the same weights, on the same device, beside two references that give the
+gradient cosine a scale (the eager path with its input rounded to bf16, and on another batch).
+``--profile N`` profiles N more steps and records where their time goes: on a GPU the kernels by
+device time, on the CPU the aten ops by self time (the table prints the top few per configuration; the JSON keeps the top 25).
 ``--count-ops`` counts, for one more step of each eager configuration, the aten ops that launch a
 kernel (views and allocations left out) and the bytes their tensors hold (inputs and outputs): a
 measure of the work that does not depend on the machine, for comparing code changes on the CPU.
@@ -63,7 +64,7 @@ from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels
-from .supernet import SearchNetwork, SupernetSpec
+from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
 from .zoo import load_genotype
 
 STEPS_PER_EPOCH_CIFAR = 25_000
@@ -125,37 +126,51 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def check_against_eager(opt: BilevelOptimizer, batch) -> dict:
+def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 logits and the flattened gradients (zeros where none) of one arch or weight pass."""
+    net = opt.model
+    net.zero_grad(set_to_none=True)
+    if arch_pass:
+        with net.frozen_weights():
+            loss, logits = opt.arch_loss(*batch)
+    else:
+        loss, logits = opt.weight_loss(*batch)
+    loss.backward()
+    net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
+    params = net.arch_parameters() if arch_pass else net.weight_parameters()
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+    net.zero_grad(set_to_none=True)
+    return full_precision(logits).detach(), grads
+
+
+def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
     """Logits and gradients of this configuration's arch and weight passes vs the fp32 eager path
     with sparse Transit-cells, from the same state: the largest error relative to the eager logits'
-    scale, and the cosine similarity of the gradients."""
+    scale, and the cosine similarity of the gradients.
+
+    Two references put that cosine in scale (``reference``), both of the fp32 eager path against
+    itself: with its input rounded to bf16, the gradient's sensitivity to a perturbation the size of
+    one bf16 rounding (bf16 rounds at every layer, so expect it lower than this), and on
+    ``other_batch``, how far apart the gradients of two batches are (SGD's own noise)."""
     model = opt.model
-    reference = SearchNetwork(dataclasses.replace(model.spec, channels_last=False, transit="sparse", op_streams=1))
-    reference = reference.to(next(model.parameters()).device)
+    eager_layout = {"channels_last": False, "transit": "sparse", "op_streams": 1}   # in the spec and the config
+    reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout)).to(next(model.parameters()).device)
     reference.load_state_dict(model.state_dict())
     reference.tau = model.tau
-    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", channels_last=False, compile="off",
-                                                           transit="sparse", op_streams=1))
+    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", compile="off", **eager_layout))
+    cosine = lambda a, b: F.cosine_similarity(a, b, dim=0).item()   # noqa: E731
+    x, y = batch
+    rounded = (x.to(torch.bfloat16).to(x.dtype), y)
     out = {}
     for name, arch_pass in (("arch_pass", True), ("weight_pass", False)):
-        results = []
-        for o in (opt, plain):   # the losses of the search step itself, so compiled graphs are reused
-            net = o.model
-            net.zero_grad(set_to_none=True)
-            if arch_pass:
-                with net.frozen_weights():
-                    loss, logits = o.arch_loss(*batch)
-            else:
-                loss, logits = o.weight_loss(*batch)
-            loss.backward()
-            net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
-            params = net.arch_parameters() if arch_pass else net.weight_parameters()
-            grads = torch.cat([p.grad.flatten().float() for p in params if p.grad is not None])
-            results.append((full_precision(logits).detach(), grads))
-            net.zero_grad(set_to_none=True)
-        (lf, gf), (le, ge) = results
-        out[name] = {"logits_max_rel_error": ((lf - le).abs().max() / le.abs().max()).item(),
-                     "grad_cosine": F.cosine_similarity(gf, ge, dim=0).item()}
+        # the losses of the search step itself, so compiled graphs are reused
+        fast_logits, fast_grads = _pass_result(opt, batch, arch_pass)
+        logits, grads = _pass_result(plain, batch, arch_pass)
+        reference_cosines = {"input_rounded_to_bf16": cosine(_pass_result(plain, rounded, arch_pass)[1], grads)}
+        if other_batch is not None:
+            reference_cosines["other_batch"] = cosine(_pass_result(plain, other_batch, arch_pass)[1], grads)
+        out[name] = {"logits_max_rel_error": ((fast_logits - logits).abs().max() / logits.abs().max()).item(),
+                     "grad_cosine": cosine(fast_grads, grads), "reference": reference_cosines}
     return out
 
 
@@ -275,7 +290,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     if args.profile:
         row["profile"] = profile_steps(full_step, args.profile, device)
     if args.check:
-        row["check"] = check_against_eager(opt, batches[0][1])
+        row["check"] = check_against_eager(opt, batches[0][1], batches[1][1])
     return row
 
 
@@ -332,8 +347,9 @@ def main(argv=None) -> int:
         for label, config in zip(args.configs, configs):
             source = arch_of(args.arch, config.mode)
             if source:
-                try:   # at the bench's tau, 1 (nothing anneals it)
-                    arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)
+                try:   # at the tau the bench times (nothing anneals it)
+                    arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes,
+                                      tau=INITIAL_TAU)
                 except GenotypeError as e:
                     raise ConfigError("--arch", source, f"{label} cannot derive it: {e}") from None
     except (ConfigError, ValueError) as e:
@@ -421,6 +437,17 @@ def table(rows: list[dict]) -> str:
         c = r["op_count"]
         lines.append(f"{r['config']}: {c['ops_per_step']} kernel-launching ops per step, {c['gb_per_step']:.2f} GB "
                      f"in their tensors; most: " + ", ".join(f"{t['op']} {t['calls']}" for t in c["top"][:4]))
+    checked = [r for r in rows if r.get("check")]
+    if checked:
+        lines.append("\ncheck against fp32 eager: logits error, gradient cosine arch / weight pass "
+                     "(references, fp32 eager against itself: input rounded to bf16; another batch)")
+    for r in checked:
+        c = r["check"]
+        both = lambda get: " / ".join(f"{get(c[p]):.3f}" for p in ("arch_pass", "weight_pass"))  # noqa: E731,B023
+        lines.append(f"  {r['config']:<28} {max(c[p]['logits_max_rel_error'] for p in c):.1e}  "
+                     f"{both(lambda e: e['grad_cosine'])}  "
+                     f"(rounded input {both(lambda e: e['reference']['input_rounded_to_bf16'])}; "
+                     f"other batch {both(lambda e: e['reference'].get('other_batch', float('nan')))})")
     for r in rows:
         pay = r.get("payback")
         if pay:

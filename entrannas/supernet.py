@@ -20,6 +20,7 @@ whole search however often the derived architecture changes (``masked_structure`
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -34,6 +35,12 @@ from .genotype import N_INPUTS, Genotype, GenotypeError, genotype_from_masks, ge
 from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
 
 ARCH_PARAMETER_NAMES = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
+#: A super-net's softmax temperature until a search's schedule sets it (the bench never does).
+INITIAL_TAU = 1.0
+#: Derived cells whose plans (and, for masked Transit-cells, lists of parameters to skip) are kept, the
+#: most recently used: a search that keeps changing its architecture would otherwise grow them for
+#: its whole length. Rebuilding one costs host work only (index lists and two small tensors).
+PLAN_CACHE = 256
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,19 @@ def use_batch_statistics(module: nn.Module) -> None:
             m.running_mean = m.running_var = m.num_batches_tracked = None
 
 
+def _cached(cache: OrderedDict, key, build):
+    """``cache[key]``, built by ``build()`` when missing; the least recently used entry beyond
+    ``PLAN_CACHE`` is dropped."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > PLAN_CACHE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 class SearchNetwork(nn.Module):
     """Stem, ``layers`` cells (reductions at 1/3 and 2/3 depth), global pool, classifier."""
 
@@ -308,7 +328,7 @@ class SearchNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         self.primitives = spec.primitives
-        self.tau = 1.0
+        self.tau = INITIAL_TAU
         C, n_nodes = spec.init_channels, spec.nodes
         if spec.stem == "imagenet":
             # PC-DARTS' ImageNet search stem: 224 -> 56 (s0) -> 28 (s1).
@@ -347,7 +367,7 @@ class SearchNetwork(nn.Module):
             self.beta_reduce = nn.Parameter(torch.full((n_nodes,), float(spec.beta_init)))
         else:
             self.beta_normal = self.beta_reduce = None
-        self._plans: dict[tuple, CellPlan] = {}
+        self._plans: OrderedDict[tuple, CellPlan] = OrderedDict()   # LRU, PLAN_CACHE entries
         self._param_lists: Optional[tuple[list[nn.Parameter], list[nn.Parameter]]] = None
         self._structure: Optional[tuple[tuple, Structure]] = None
         self._arch_updates = 0
@@ -355,7 +375,8 @@ class SearchNetwork(nn.Module):
         self.last_structure: Optional[Structure] = None   # what the last forward ran
         self._masked: Optional[Structure] = None          # masked Transit-cells: the one structure
         self._last_device_masks: Optional[torch.Tensor] = None   # masked: [2, E, K] of the last forward
-        self._unused: dict[bytes, list[nn.Parameter]] = {}   # masked: derived masks -> params to skip
+        # masked: derived masks -> the parameters to skip (LRU, PLAN_CACHE entries)
+        self._unused: OrderedDict[bytes, list[nn.Parameter]] = OrderedDict()
         self._host_key: Optional[bytes] = None            # masked: the last mask read on the host
         self.compiled: Optional[HotStructures] = None
         # None for one stream: the plain path, the one torch.compile traces
@@ -453,10 +474,7 @@ class SearchNetwork(nn.Module):
 
     def _plan(self, mask: torch.Tensor, device: torch.device) -> CellPlan:
         key = (tuple(mask.shape), mask.numpy().tobytes(), device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = CellPlan(mask, self.spec.nodes, self.spec.feature_sharing, device)
-        return plan
+        return _cached(self._plans, key, lambda: CellPlan(mask, self.spec.nodes, self.spec.feature_sharing, device))
 
     @property
     def last_masks(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -524,11 +542,10 @@ class SearchNetwork(nn.Module):
         masks = self._last_device_masks.cpu()
         self.derivations += 1
         self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
-        if self._host_key not in self._unused:   # what the sparse path would leave out, once per architecture
-            cpu = torch.device("cpu")
-            self._unused[self._host_key] = [p for cell in self.cells
-                                            for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))]
-        for p in self._unused[self._host_key]:
+        cpu = torch.device("cpu")   # what the sparse path would leave out, listed once per architecture
+        unused = _cached(self._unused, self._host_key, lambda: [
+            p for cell in self.cells for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))])
+        for p in unused:
             p.grad = None
 
     def _sparse_plan(self, cell: SearchCell, masks, device: torch.device) -> CellPlan:
@@ -604,7 +621,7 @@ class SearchNetwork(nn.Module):
         self._structure = None
         self._param_lists = None
         self._masked = None
-        self._unused = {}
+        self._unused = OrderedDict()
         if getattr(self, "compiled", None) is not None:
             self.compiled.clear()   # recorded graphs read the parameters they were recorded with
         return super()._apply(fn, *args, **kwargs)

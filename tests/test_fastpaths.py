@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entrannas.bench import main as bench_main
+from entrannas.bench import check_against_eager, main as bench_main
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.genotype import Genotype, genotype_masks
 from entrannas.ops import DARTS_PRIMITIVES
@@ -71,6 +71,24 @@ def test_bench_prints_json_a_table_and_checks_each_fast_path(capsys, tmp_path):
     assert 0 < dst["check"]["weight_pass"]["logits_max_rel_error"] < 0.1       # bf16: close, not equal
     assert dst["check"]["arch_pass"]["grad_cosine"] > 0.9
     assert "s/step" in captured.err and "x darts" in captured.err and "dst+bf16" in captured.err
+
+
+def test_the_checks_references_are_the_eager_path_against_itself():
+    """The references that scale a check's gradient cosine: the same batch (or an input that bf16
+    represents exactly) gives the eager gradients back; another batch gives other gradients."""
+    net = tiny_net(seed=0, mode="entrannas")
+    opt = BilevelOptimizer(net, tiny_config(mode="entrannas", precision="bf16"))
+    x, y = tiny_batch(0)
+    exact = (x.to(torch.bfloat16).float(), y)
+    same = check_against_eager(opt, exact, other_batch=exact)
+    other = check_against_eager(opt, (x, y), other_batch=tiny_batch(1))
+    for check in (same, other):
+        assert set(check) == {"arch_pass", "weight_pass"}
+        assert all(0.8 < c["grad_cosine"] < 0.99999 for c in check.values())   # bf16 against fp32
+    for c in same.values():
+        assert c["reference"]["input_rounded_to_bf16"] > 0.99999 and c["reference"]["other_batch"] > 0.99999
+    for c in other.values():
+        assert c["reference"]["other_batch"] < 0.99
 
 
 def test_bench_profile_lists_where_a_step_spends_its_time(capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from entrannas import derive
+from entrannas import derive, supernet
 from entrannas.bench import OpCounter
 from entrannas.genotype import N_INPUTS, Genotype, GenotypeError, genotype_masks
 from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
@@ -345,6 +345,27 @@ def test_masked_transit_is_one_structure_with_no_host_read_before_a_pass():
     assert net.genotype().normal[0][0][0] == net.primitives[3]   # the host still derives the genotype
     net.drop_unused_gradients()
     assert net.derivations == 1
+
+
+@pytest.mark.parametrize("transit", ["sparse", "masked"])
+def test_a_search_that_keeps_changing_its_architecture_keeps_a_bounded_number_of_plans(transit, monkeypatch):
+    """Plans (and masked's lists of parameters to skip) are kept for the ``PLAN_CACHE`` most recently
+    derived cells; one dropped and derived again is rebuilt, with the same result."""
+    monkeypatch.setattr(supernet, "PLAN_CACHE", 2)
+    net = tiny_net(seed=0, mode="entrannas", transit=transit)
+    x = torch.randn(4, 1, 8, 8)
+    first = None
+    for shift in (1, 2, 3, 4, 1):   # four derived architectures, then the first again (by then dropped)
+        with torch.no_grad():
+            for alpha in (net.alpha_normal, net.alpha_reduce):
+                alpha.zero_()
+                alpha[:, shift] = 5.0
+        out = net(x)
+        net.drop_unused_gradients()
+        assert len(net._plans) <= 2 and len(net._unused) <= 2
+        first = out if first is None else first
+    assert torch.equal(out, first)
+    assert net.genotype().normal[0][0][0] == net.primitives[1]
 
 
 def test_masked_and_sparse_searches_follow_one_trajectory():
