@@ -30,7 +30,8 @@ the initial state's weight step, which is what a search runs then.
 fp32 eager path from the same weights, on the same device, beside two references that give the
 gradient cosine a scale (the eager path with its input rounded to bf16, and on another batch).
 ``--profile N`` profiles N more steps and records where their time goes: on a GPU the kernels by
-device time, on the CPU the aten ops by self time (the table prints the top few per configuration; the JSON keeps the top 25).
+device time, on the CPU the aten ops by self time (the table prints the top few per configuration;
+the JSON keeps the top 25).
 ``--count-ops`` counts, for one more step of each eager configuration, the aten ops that launch a
 kernel (views and allocations left out) and the bytes their tensors hold (inputs and outputs): a
 measure of the work that does not depend on the machine, for comparing code changes on the CPU.
