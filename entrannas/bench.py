@@ -11,9 +11,11 @@ graphs without inductor's code generation: far quicker to build), ``autotune`` (
 ``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile or tracing),
 ``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
 search, whatever the derived architecture), ``streams`` (``op_streams: 4``: the ops of a source on
-four CUDA streams at once),
-e.g. ``dst+graphs+bf16+cl``. Prints one JSON document (every measured figure; also written to ``--out``
-after each configuration) and a short table. Ratios are only meaningful within one run.
+four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value`` parts that set any
+search setting for that configuration, e.g. ``entrannas+placement=all+bottleneck_ratio=1``
+(``--set key=value`` sets one for every configuration; the label's win). Prints one JSON document
+(every measured figure; also written to ``--out`` after each configuration) and a short table.
+Ratios are only meaningful within one run.
 
 Each timed step does everything a search step does, the derivation of the structure included.
 With ``--frozen-arch`` the arch optimizer's learning rate is 0: the arithmetic is the same, but the
@@ -60,7 +62,7 @@ from torch.utils._pytree import tree_leaves
 
 from .bilevel import BilevelOptimizer, full_precision
 from .compiled import CAPTURE
-from .config import MODES, ConfigError, SearchConfig, check_device_support
+from .config import MODES, ConfigError, SearchConfig, check_device_support, parse_overrides
 from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .rundir import write_text_atomic
@@ -82,22 +84,50 @@ VARIANTS = {
 }
 
 
+#: Settings the bench's own flags or its projection fix, with the flag to use instead.
+BENCH_FIXED = {"mode": "the label's first part", "layers": "--layers", "init_channels": "--channels", "batch_size": "--batch-size",
+               "device": "--device", "dataset": "nothing (random CIFAR-shaped inputs)",
+               "epochs": "nothing (the projection is of a 50-epoch search)"}
+
+
+def bench_settings(pairs: list[str], field: str) -> dict:
+    """``KEY=VALUE`` settings (``--set``, or inside a label) as config changes; refuses the ones the
+    bench fixes (its own flags set them) and unknown keys, naming ``field``."""
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    changes = {}
+    for pair in pairs:
+        key = pair.partition("=")[0].strip()
+        if key in BENCH_FIXED:
+            raise ConfigError(field, pair, f"{key} is set by {BENCH_FIXED[key]}")
+        if key not in known:
+            allowed = ", ".join(sorted(known - set(BENCH_FIXED)))
+            raise ConfigError(field, pair, f"unknown setting {key!r}; allowed: {allowed}")
+        changes.update(parse_overrides([pair]))
+    return changes
+
+
 def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
-    """``mode[+variant...]`` -> a resolved config (raises ConfigError naming the bad part)."""
+    """``mode[+variant...][+key=value...]`` -> a resolved config (raises ConfigError naming the bad part).
+    ``key=value`` parts set any search setting (placement, feature_sharing, bottleneck_ratio, ...) for
+    this configuration, over ``--set``."""
     mode, *variants = label.split("+")
     if mode not in MODES:
         raise ConfigError("--configs", label, f"starts with a mode: {', '.join(MODES)}")
     changes = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-               "compile_backend": args.compile_backend}
+               "compile_backend": args.compile_backend, **bench_settings(args.overrides or [], "--set")}
     for v in variants:
-        if v not in VARIANTS:
-            raise ConfigError("--configs", label, f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}")
-        changes.update(VARIANTS[v])
+        if "=" in v:
+            changes.update(bench_settings([v], "--configs " + label))
+        elif v in VARIANTS:
+            changes.update(VARIANTS[v])
+        else:
+            raise ConfigError("--configs", label, f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}, "
+                                                  "or key=value")
     if changes["compile"] not in ("off", CAPTURE) and changes["compile_backend"] != "inductor":
         changes["compile"] = "default"   # the other modes are inductor's
-    return SearchConfig(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
-                        batch_size=args.batch_size, epochs=50, arch_warmup_epochs=15, compile_after=1,
-                        **changes).resolve()
+    fixed = dict(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
+                 batch_size=args.batch_size, epochs=50)
+    return SearchConfig.from_dict({"arch_warmup_epochs": 15, "compile_after": 1, **changes, **fixed}).resolve()
 
 
 def arch_of(arch: list[str] | None, mode: str) -> str | None:
@@ -304,11 +334,12 @@ def _release(device: torch.device, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entrannas-tune bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["darts", "entrannas", "dst"],
-                   help="MODE[+VARIANT...]: modes with their default placement, sharing and ratio; "
+                   help="MODE[+VARIANT...][+KEY=VALUE...]: modes with their default placement, sharing and ratio "
+                        "unless KEY=VALUE sets them; "
                         f"variants: {', '.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--channels", type=int, default=16)
@@ -332,9 +363,16 @@ def main(argv=None) -> int:
                    help="profile N more steps per config: kernels (GPU) or aten ops (CPU) by time")
     p.add_argument("--count-ops", action="store_true",
                    help="count the kernel-launching aten ops and their bytes in one step (eager configs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a search setting for every config (placement, feature_sharing, bottleneck_ratio, "
+                        "arch_warmup_epochs, ...); MODE+KEY=VALUE in --configs sets one config's")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each config)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
         for name in ("layers", "channels", "batch_size", "image_size", "steps", "repeats", "warmup"):
             if getattr(args, name) < 1:
@@ -388,8 +426,9 @@ def add_payback(rows: list[dict], warmup_steps: int) -> None:
     """For each compiled configuration timed beside its eager twin (same mode, precision, layout and
     transit): how long building its graphs took (the warm-up beyond its steps) and after how many
     steps at one structure that time is won back (``None`` when compiling is not faster)."""
-    twin_key = lambda r: (r.get("mode"), r.get("precision"), r.get("channels_last"),  # noqa: E731
-                          r.get("transit", "sparse"), r.get("op_streams", 1))
+    twin_key = lambda r: tuple(str(r.get(k)) for k in ("mode", "placement", "feature_sharing",  # noqa: E731
+                                                       "bottleneck_ratio", "precision", "channels_last",
+                                                       "transit", "op_streams"))
     eager = {twin_key(r): r for r in rows if "error" not in r and r["compile"] == "off"}
     for r in rows:
         twin = eager.get(twin_key(r))

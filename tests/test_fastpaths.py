@@ -91,6 +91,36 @@ def test_the_checks_references_are_the_eager_path_against_itself():
         assert c["reference"]["other_batch"] < 0.99
 
 
+def test_bench_sets_placement_sharing_and_ratio_per_config_or_for_all(capsys):
+    """``--set KEY=VALUE`` sets a search setting for every configuration, ``MODE+KEY=VALUE`` for one
+    (over ``--set``): EnTranNAS with the DARTS configuration's placement, sharing and ratio does the
+    DARTS configuration's work (the same super-net, a top-2 derivation it does not use)."""
+    assert bench_main(["--configs", "darts+placement=all", "entrannas",
+                       "entrannas+placement=all+feature_sharing=false+bottleneck_ratio=1",
+                       "entrannas+placement=0,2", "--set", "placement=last", "--layers", "3", "--channels", "4",
+                       "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                       "--count-ops", "--device", "cpu", "--frozen-arch"]) == 0
+    darts, last, like_darts, listed = json.loads(capsys.readouterr().out)["results"]
+    assert (darts["placement"], last["placement"], listed["placement"]) == ("all", "last", [0, 2])
+    assert (like_darts["placement"], like_darts["feature_sharing"], like_darts["bottleneck_ratio"]) == ("all", False, 1)
+    assert (last["feature_sharing"], last["bottleneck_ratio"]) == (True, 4)   # the mode's defaults
+    assert like_darts["op_count"]["ops_per_step"] == darts["op_count"]["ops_per_step"]
+    assert last["op_count"]["ops_per_step"] < darts["op_count"]["ops_per_step"]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--configs", "entrannas+bottleneck_ratio=3"], "bottleneck_ratio"),
+    (["--configs", "entrannas+placment=all"], "unknown setting 'placment'"),
+    (["--set", "layers=5"], "--layers"),
+    (["--set", "epochs=100"], "50-epoch"),
+    (["--set", "placement=[0, 9]"], "cell index 9"),
+])
+def test_bench_refuses_a_bad_setting_before_timing_anything(argv, named, capsys):
+    assert bench_main(argv + ["--device", "cpu", "--layers", "3", "--channels", "4"]) == 2
+    captured = capsys.readouterr()
+    assert named in captured.err and captured.out == ""
+
+
 def test_bench_profile_lists_where_a_step_spends_its_time(capsys):
     assert bench_main(["--configs", "entrannas", "dst", "--layers", "3", "--channels", "4", "--batch-size", "4",
                        "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1", "--profile", "2",
@@ -205,14 +235,17 @@ def test_releasing_a_configuration_runs_on_every_device_kind(compiled, monkeypat
 def test_payback_weighs_graph_building_against_the_time_each_step_saves():
     from entrannas.bench import add_payback, table
 
-    def row(config, compile, seconds, warmup, precision="bf16"):
+    def row(config, compile, seconds, warmup, precision="bf16", ratio=4):
         return {"config": config, "mode": "dst", "precision": precision, "channels_last": True, "compile": compile,
-                "seconds_per_step": seconds, "warmup_seconds": warmup, "speedup_vs_darts": None,
-                "peak_memory_mb": None, "projected_50_epoch_minutes": 1.0, "structures_while_timing": 1}
+                "bottleneck_ratio": ratio, "seconds_per_step": seconds, "warmup_seconds": warmup,
+                "speedup_vs_darts": None, "peak_memory_mb": None, "projected_50_epoch_minutes": 1.0,
+                "structures_while_timing": 1}
 
     rows = [row("dst+bf16+cl", "off", 0.2, 0.8), row("dst+graphs+bf16+cl", "reduce-overhead", 0.1, 10.4),
-            row("dst+compile+bf16+cl", "default", 0.25, 5.0), row("dst+graphs+cl", "reduce-overhead", 0.1, 9.0, "fp32")]
+            row("dst+compile+bf16+cl", "default", 0.25, 5.0), row("dst+graphs+cl", "reduce-overhead", 0.1, 9.0, "fp32"),
+            row("dst+graphs+bf16+cl+bottleneck_ratio=2", "reduce-overhead", 0.1, 9.0, ratio=2)]
     add_payback(rows, warmup_steps=4)
+    assert "payback" not in rows[4]   # another super-net than the eager one timed
     assert rows[1]["compile_seconds"] == pytest.approx(10.0)          # 10.4 s less its 4 steps of 0.1 s
     assert rows[1]["payback"] == {"versus": "dst+bf16+cl", "saved_per_step": pytest.approx(0.1),
                                   "steps": pytest.approx(100.0)}
@@ -273,10 +306,9 @@ def test_structure_churn_runs_a_search_per_mode(capsys, tmp_path):
 def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     """A typo in benchmarks/gpu_session.sh would cost a lent GPU's few minutes: its default
     configurations must parse, and its --arch genotypes must be derivable by each mode."""
-    import argparse
     import subprocess
 
-    from entrannas.bench import arch_of, parse_label
+    from entrannas.bench import arch_of, parse_label, parser
     from entrannas.derive import arch_for_genotype
 
     root = Path(__file__).resolve().parent.parent
@@ -286,8 +318,7 @@ def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=root,
                            capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
     values = dict(zip(names, shown.splitlines()))
-    args = argparse.Namespace(precision="fp32", channels_last=False, compile="off", compile_backend="inductor",
-                              layers=8, channels=16, batch_size=256, image_size=32)
+    args = parser().parse_args([])   # the bench's defaults: the GPU target's shapes
     labels = [label for n in names if n != "ARCH" for label in values[n].split()]
     assert len(labels) >= 20 and "dst+capture+bf16+cl" in labels
     arch = values["ARCH"].split()
