@@ -9,12 +9,14 @@
 #             graphs recorded from the eager kernels (compile: capture; built in about one eager step),
 #             the same with each source's ops on 4 CUDA streams (+streams: graphs that branch), then
 #             channels_last in fp32 (cuDNN's depthwise and channels-last batch-norm kernels instead
-#             of the NCHW ones);
+#             of the NCHW ones: the search cells' batch norms have no affine weights, so torch never
+#             hands them to cuDNN, and its NCHW statistics kernels run one block per channel, 4 to 16
+#             blocks after the bottleneck);
 #   arch      (run first: its figures decide the targets) the same measurements, settled at a searched
 #             architecture instead of the initial state (random for entrannas; every op on every edge
 #             for dst): DARTS_V2 (mostly separable convs) for the top-2 modes,
 #             benchmarks/genotypes/dst-digits.json (2 to 5 inputs per node) for dst; the warm-up
-#             epochs are projected at the initial state;
+#             epochs are projected at the initial state; fp32 with channels_last only;
 #   churn     the same without --frozen-arch: the derived architecture changes while timing (random
 #             data: the arch gradient is noise), so each new structure runs eagerly or is recorded
 #             anew, except with masked Transit-cells (one structure whatever the mask);
@@ -48,7 +50,7 @@ dst+capture+cl}
 BENCH_LIMIT=${BENCH_LIMIT:-190}
 ARCH=${ARCH:-DARTS_V2 dst=benchmarks/genotypes/dst-digits.json}
 ARCH_CONFIGS=${ARCH_CONFIGS:-darts entrannas+capture+bf16+cl dst+capture+bf16+cl dst+capture+bf16+cl+streams \
-entrannas+capture dst+capture dst}
+entrannas+capture+cl dst+capture+cl dst}
 ARCH_LIMIT=${ARCH_LIMIT:-120}
 CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+bf16+cl entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
 CHURN_LIMIT=${CHURN_LIMIT:-50}
