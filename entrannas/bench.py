@@ -84,10 +84,11 @@ VARIANTS = {
 }
 
 
-#: Settings the bench's own flags or its projection fix, with the flag to use instead.
-BENCH_FIXED = {"mode": "the label's first part", "layers": "--layers", "init_channels": "--channels", "batch_size": "--batch-size",
-               "device": "--device", "dataset": "nothing (random CIFAR-shaped inputs)",
-               "epochs": "nothing (the projection is of a 50-epoch search)"}
+#: Settings the bench fixes itself, and why (or which flag sets them).
+BENCH_FIXED = {"mode": "a configuration's first part names it", "layers": "use --layers",
+               "init_channels": "use --channels", "batch_size": "use --batch-size", "device": "use --device",
+               "dataset": "the bench times random CIFAR-shaped inputs",
+               "epochs": "the bench projects a 50-epoch search"}
 
 
 def bench_settings(pairs: list[str], field: str) -> dict:
@@ -98,7 +99,7 @@ def bench_settings(pairs: list[str], field: str) -> dict:
     for pair in pairs:
         key = pair.partition("=")[0].strip()
         if key in BENCH_FIXED:
-            raise ConfigError(field, pair, f"{key} is set by {BENCH_FIXED[key]}")
+            raise ConfigError(field, pair, f"{key} is fixed here: {BENCH_FIXED[key]}")
         if key not in known:
             allowed = ", ".join(sorted(known - set(BENCH_FIXED)))
             raise ConfigError(field, pair, f"unknown setting {key!r}; allowed: {allowed}")
