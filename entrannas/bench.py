@@ -66,7 +66,7 @@ from .config import MODES, ConfigError, SearchConfig, check_device_support, pars
 from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .rundir import write_text_atomic
-from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels
+from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels, where_it_ran
 from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
 from .zoo import load_genotype
 
@@ -91,18 +91,19 @@ BENCH_FIXED = {"mode": "a configuration's first part names it", "layers": "use -
                "epochs": "the bench projects a 50-epoch search"}
 
 
-def bench_settings(pairs: list[str], field: str) -> dict:
+def bench_settings(pairs: list[str], field: str, value=None) -> dict:
     """``KEY=VALUE`` settings (``--set``, or inside a label) as config changes; refuses the ones the
-    bench fixes (its own flags set them) and unknown keys, naming ``field``."""
+    bench fixes (its own flags set them) and unknown keys, naming ``field`` and ``value`` (the pair
+    itself unless given: a label names the configuration)."""
     known = {f.name for f in dataclasses.fields(SearchConfig)}
     changes = {}
     for pair in pairs:
         key = pair.partition("=")[0].strip()
         if key in BENCH_FIXED:
-            raise ConfigError(field, pair, f"{key} is fixed here: {BENCH_FIXED[key]}")
+            raise ConfigError(field, value or pair, f"{key} is fixed here: {BENCH_FIXED[key]}")
         if key not in known:
             allowed = ", ".join(sorted(known - set(BENCH_FIXED)))
-            raise ConfigError(field, pair, f"unknown setting {key!r}; allowed: {allowed}")
+            raise ConfigError(field, value or pair, f"unknown setting {key!r}; allowed: {allowed}")
         changes.update(parse_overrides([pair]))
     return changes
 
@@ -118,7 +119,7 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
                "compile_backend": args.compile_backend, **bench_settings(args.overrides or [], "--set")}
     for v in variants:
         if "=" in v:
-            changes.update(bench_settings([v], "--configs " + label))
+            changes.update(bench_settings([v], "--configs", label))
         elif v in VARIANTS:
             changes.update(VARIANTS[v])
         else:
@@ -128,7 +129,10 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
         changes["compile"] = "default"   # the other modes are inductor's
     fixed = dict(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
                  batch_size=args.batch_size, epochs=50)
-    return SearchConfig.from_dict({"arch_warmup_epochs": 15, "compile_after": 1, **changes, **fixed}).resolve()
+    try:
+        return SearchConfig.from_dict({"arch_warmup_epochs": 15, "compile_after": 1, **changes, **fixed}).resolve()
+    except ConfigError as e:   # say which configuration has the bad value
+        raise ConfigError(e.field, e.value, f"{e.allowed} (in --configs {label})") from None
 
 
 def arch_of(arch: list[str] | None, mode: str) -> str | None:
@@ -398,11 +402,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     use_fast_kernels(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    doc = {"device": str(device), "device_name": name, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    doc = {**where_it_ran(device), "date": time.strftime("%Y-%m-%d"),
            "command": _command_line(argv),
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
+    if device.type != "cuda":   # the epoch records leave a CPU unnamed; a benchmark names it
+        doc["device_name"] = platform.processor() or "cpu"
     rows = doc["results"]
     for label, config in zip(args.configs, configs):
         try:
@@ -427,6 +431,7 @@ def add_payback(rows: list[dict], warmup_steps: int) -> None:
     """For each compiled configuration timed beside its eager twin (same mode, precision, layout and
     transit): how long building its graphs took (the warm-up beyond its steps) and after how many
     steps at one structure that time is won back (``None`` when compiling is not faster)."""
+    # strings: a placement may be a list (rows read back from JSON), which cannot be a key
     twin_key = lambda r: tuple(str(r.get(k)) for k in ("mode", "placement", "feature_sharing",  # noqa: E731
                                                        "bottleneck_ratio", "precision", "channels_last",
                                                        "transit", "op_streams"))
@@ -450,6 +455,12 @@ def _command_line(argv) -> str:
     prog = "python -m entrannas.bench" if script.endswith(("entrannas/bench.py", "entrannas\\bench.py")) \
         else f"python {script}"
     return " ".join([prog, *sys.argv[1:]])
+
+
+def _both_passes(check: dict, key: str) -> str:
+    """``arch / weight`` of a check's figure ``key`` (its own or one of its references; - if absent)."""
+    values = [check[p].get(key, check[p]["reference"].get(key)) for p in ("arch_pass", "weight_pass")]
+    return " / ".join("-" if v is None else f"{v:.3f}" for v in values)
 
 
 def table(rows: list[dict]) -> str:
@@ -484,11 +495,10 @@ def table(rows: list[dict]) -> str:
                      "(references, fp32 eager against itself: input rounded to bf16; another batch)")
     for r in checked:
         c = r["check"]
-        both = lambda get: " / ".join(f"{get(c[p]):.3f}" for p in ("arch_pass", "weight_pass"))  # noqa: E731,B023
         lines.append(f"  {r['config']:<28} {max(c[p]['logits_max_rel_error'] for p in c):.1e}  "
-                     f"{both(lambda e: e['grad_cosine'])}  "
-                     f"(rounded input {both(lambda e: e['reference']['input_rounded_to_bf16'])}; "
-                     f"other batch {both(lambda e: e['reference'].get('other_batch', float('nan')))})")
+                     f"{_both_passes(c, 'grad_cosine')}  "
+                     f"(rounded input {_both_passes(c, 'input_rounded_to_bf16')}; "
+                     f"other batch {_both_passes(c, 'other_batch')})")
     for r in rows:
         pay = r.get("payback")
         if pay:
