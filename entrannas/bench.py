@@ -166,11 +166,7 @@ def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.T
     """The fp32 logits and the flattened gradients (zeros where none) of one arch or weight pass."""
     net = opt.model
     net.zero_grad(set_to_none=True)
-    if arch_pass:
-        with net.frozen_weights():
-            loss, logits = opt.arch_loss(*batch)
-    else:
-        loss, logits = opt.weight_loss(*batch)
+    loss, logits = opt.frozen_arch_loss(*batch) if arch_pass else opt.weight_loss(*batch)
     loss.backward()
     net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
     params = net.arch_parameters() if arch_pass else net.weight_parameters()

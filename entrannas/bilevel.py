@@ -70,14 +70,19 @@ class BilevelOptimizer:
             logits = self.model(x, arch_grad=False)
         return F.cross_entropy(full_precision(logits), y), logits
 
+    def frozen_arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order arch step's loss: the weights frozen while it is built, so that its
+        backward pass computes gradients for alpha and beta only."""
+        with self.model.frozen_weights():
+            return self.arch_loss(x, y)
+
     # -- steps ----------------------------------------------------------------------------------
     def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
         self.a_optimizer.zero_grad(set_to_none=True)
         if self.config.unrolled:
             loss = self._unrolled_backward(train_batch, valid_batch)
         else:
-            with self.model.frozen_weights():
-                loss, _ = self.arch_loss(*valid_batch)
+            loss, _ = self.frozen_arch_loss(*valid_batch)
             loss.backward()
         self.a_optimizer.step()
         self.model.arch_changed()

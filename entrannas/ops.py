@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OpFactory = Callable[[int, int, bool], nn.Module]
@@ -93,9 +94,13 @@ class FactorizedReduce(ReLUFirst, nn.Module):
         return self.forward_from_relu(self.relu(x))
 
     def forward_from_relu(self, r: torch.Tensor) -> torch.Tensor:
-        # The second conv sees the input shifted by one pixel; odd sizes are padded so both halves agree.
-        shifted = nn.functional.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1))
+        # conv_1 reads the pixels (2i, 2j) and conv_2 the pixels (2i + 1, 2j + 1), zero past the edge.
+        # Both run as one 2x2 stride-2 conv whose other taps are zero: the same sums, one kernel, and
+        # no padded copy of the input or concatenated copy of the output (an odd size still pads).
+        weight = torch.cat([F.pad(self.conv_1.weight, (0, 1, 0, 1)), F.pad(self.conv_2.weight, (1, 0, 1, 0))])
+        if r.shape[-2] % 2 or r.shape[-1] % 2:
+            r = F.pad(r, (0, r.shape[-1] % 2, 0, r.shape[-2] % 2))
+        return self.bn(F.conv2d(r, weight, stride=2))
 
 
 class Conv7x1x7(ReLUFirst, nn.Sequential):

@@ -281,7 +281,10 @@ class SearchCell(nn.Module):
                     node = partial[g] if node is None else node + partial[g]
                 states.append(node if self.expand is None else self.expand[j](node))
         else:
-            mixed: dict[int, torch.Tensor] = {}                  # mix -> [n_rows, B, C, H, W]
+            # mix -> its n_rows weighted sums, each [B, C, H, W]. Unbound rather than indexed: the
+            # backward pass then stacks their gradients in one op, where indexing would give each row
+            # a zero-filled gradient of the whole mix and add them up.
+            mixed: dict[int, tuple[torch.Tensor, ...]] = {}
             for j in range(self.n_nodes):
                 node = None
                 for m, r in plan.terms[j]:
@@ -289,7 +292,7 @@ class SearchCell(nn.Module):
                         slot, i, lo, n_rows, n_ops = plan.mixes[m]
                         feats = torch.stack(slot_features(slot, i))
                         weights = coef[lo:lo + n_rows * n_ops].view(n_rows, n_ops).to(feats.dtype)
-                        mixed[m] = weighted_sums(weights, feats)
+                        mixed[m] = weighted_sums(weights, feats).unbind(0)
                     node = mixed[m][r] if node is None else node + mixed[m][r]
                 states.append(node if self.expand is None else self.expand[j](node))
         return torch.cat(states[N_INPUTS:], dim=1)

@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from entrannas.ops import OPS, ReLUFirst, build_op, check_op_names
+from entrannas.ops import OPS, FactorizedReduce, ReLUFirst, build_op, check_op_names
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -42,3 +43,32 @@ def test_ops_that_begin_with_a_relu_run_from_its_output(stride):
     for name in first:
         op = build_op(name, 4, stride, search=True)
         torch.testing.assert_close(op.forward_from_relu(torch.relu(x)), op(x), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (8, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_factorized_reduce_is_two_offset_strided_convs(size, channels_last):
+    """The DARTS definition, written out: a stride-2 1x1 conv on the ReLU'd input and another on it
+    shifted by one pixel (zero-padded at the far edge), concatenated, batch-normalised. Ours runs
+    them as one 2x2 conv; values and every gradient must match."""
+    torch.manual_seed(0)
+    op = FactorizedReduce(6, 8, affine=True).double()
+    x = torch.randn(3, 6, *size, dtype=torch.double)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def reference(x):
+        r = torch.relu(x)
+        shifted = F.pad(r[:, :, 1:, 1:], (0, 1, 0, 1))
+        halves = [F.conv2d(r, op.conv_1.weight, stride=2), F.conv2d(shifted, op.conv_2.weight, stride=2)]
+        return op.bn(torch.cat(halves, dim=1))
+
+    grad_out = torch.randn(3, 8, (size[0] + 1) // 2, (size[1] + 1) // 2, dtype=torch.double)
+    results = []
+    for fn in (op, reference):
+        out = fn(x)
+        grads = torch.autograd.grad(out, [x, op.conv_1.weight, op.conv_2.weight, op.bn.weight], grad_out)
+        results.append((out, *grads))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
