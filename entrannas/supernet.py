@@ -6,9 +6,10 @@ coefficients gathered from the differentiable architecture weights; a Transit-ce
 of the derived set, so no gradient reaches alpha through it. The derived structure (every cell's
 plan) is read on the host once per change of alpha, beta or tau, and may be compiled
 (``entrannas.compiled``). Work that is the same arithmetic is done once: each op feature once per
-source (feature sharing), the ReLU that begins the conv ops once per source, an Engine-cell's
-weighting of one source's ops for all its nodes in one matrix product, and a Transit-cell's sum of
-one source's ops once for all the nodes that take it.
+source (feature sharing), the ReLU that begins the conv ops once per source, the ReLU that begins
+a cell's preprocessing once per state for the two cells that take it, an Engine-cell's weighting of
+one source's ops for all its nodes in one matrix product, and a Transit-cell's sum of one source's
+ops once for all the nodes that take it.
 
 With ``op_streams`` above 1 the ops of a source run on several CUDA streams at once (``OpStreams``).
 
@@ -237,11 +238,16 @@ class SearchCell(nn.Module):
         return unused
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, plan: CellPlan,
-                coef: Optional[torch.Tensor] = None, streams: Optional[OpStreams] = None) -> torch.Tensor:
+                coef: Optional[torch.Tensor] = None, streams: Optional[OpStreams] = None,
+                inputs_relu: bool = False) -> torch.Tensor:
         """An Engine-cell's output with the coefficients ``coef`` (see ``CellPlan``), or with
         ``coef=None`` a Transit-cell's: the plain sum of the derived ops. ``streams`` runs the ops of a
-        source side by side."""
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        source side by side. ``inputs_relu``: ``s0`` and ``s1`` have been through the ReLU that begins
+        both preprocessings (the network applies it once to each state, for the two cells that take it)."""
+        if inputs_relu:
+            states = [self.preprocess0.forward_from_relu(s0), self.preprocess1.forward_from_relu(s1)]
+        else:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
         squeezed: dict[int, torch.Tensor] = {}
         activated: dict[int, torch.Tensor] = {}
         features: dict[tuple[int, int], torch.Tensor] = {}   # (slot, op) -> [B, C, H, W]
@@ -592,9 +598,13 @@ class SearchNetwork(nn.Module):
                       w_reduce: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The network for one derived structure: what ``compile_structures`` compiles. With
         ``masks`` (``[2, E, K]``, masked Transit-cells) a Transit-cell weights its ops by them."""
-        s0 = self.stem0(x)
-        s1 = s0 if self.stem1 is None else self.stem1(s0)
-        for cell, plan in zip(self.cells, plans):
+        # Every cell's preprocessing begins with a ReLU of its inputs, and each state is the input of
+        # two cells (s1 of the next, s0 of the one after): the ReLU runs once per state, for both.
+        stem = self.stem0(x)
+        r0 = F.relu(stem)
+        r1 = r0 if self.stem1 is None else F.relu(self.stem1(stem))
+        out = stem
+        for index, (cell, plan) in enumerate(zip(self.cells, plans)):
             w = w_reduce if cell.reduction else w_normal
             if cell.engine:
                 coef = w[plan.rows, plan.cols]
@@ -602,8 +612,9 @@ class SearchNetwork(nn.Module):
                 coef = masks[1 if cell.reduction else 0][plan.rows, plan.cols].to(w.dtype)
             else:
                 coef = None
-            s0, s1 = s1, cell(s0, s1, plan, coef, self.op_streams)
-        return self.classifier(self.global_pooling(s1).flatten(1))
+            out = cell(r0, r1, plan, coef, self.op_streams, inputs_relu=True)
+            r0, r1 = r1, (F.relu(out) if index < len(self.cells) - 1 else None)
+        return self.classifier(self.global_pooling(out).flatten(1))
 
     def compile_structures(self, mode: str = "default", backend: str = "inductor", after: Optional[int] = None,
                            capacity: int = DEFAULT_CAPACITY) -> None:

@@ -107,3 +107,50 @@ def test_multiply_adds_come_from_the_flop_counter():
     assert count_multiply_adds(conv, (3, 8, 8)) == 8 * 3 * 9 * 64
     m = count_multiply_adds(NetworkCIFAR(ZOO["DARTS_V2"], 36, 20, 10, auxiliary=True), (3, 32, 32))
     assert 4.5e8 < m < 6.0e8, "DARTS_V2 is about half a billion multiply-adds on CIFAR"
+
+
+def darts_forward(net, x):
+    """DARTS' own loop: every cell ReLUs its two inputs itself (the aux head's first ReLU in place)."""
+    if isinstance(net, NetworkImageNet):
+        s0 = net.stem0(x)
+        s1 = net.stem1(s0)
+    else:
+        s0 = s1 = net.stem(x)
+    logits_aux = None
+    for index, cell in enumerate(net.cells):
+        s0, s1 = s1, cell(s0, s1, net.drop_path_prob)
+        if index == 2 * len(net.cells) // 3 and net.auxiliary_head is not None and net.training:
+            logits_aux = net.auxiliary_head(s1)
+    return net.classifier(net.global_pooling(s1).flatten(1)), logits_aux
+
+
+@pytest.mark.parametrize("network", ["cifar", "imagenet"])
+def test_the_network_relus_each_state_once_and_computes_what_darts_does(network):
+    """Each state feeds two cells whose preprocessings begin with its ReLU; the network applies it
+    once. Logits, auxiliary logits and every gradient equal DARTS' loop (training mode, drop path on,
+    the same random draws), with one ReLU fewer per state that two cells take."""
+    from entrannas.bench import OpCounter
+
+    torch.manual_seed(0)
+    if network == "cifar":
+        net, x = NetworkCIFAR(FLEXIBLE, C=8, layers=6, num_classes=10, auxiliary=True), torch.randn(3, 3, 32, 32)
+    else:
+        net, x = NetworkImageNet(FLEXIBLE, C=8, layers=6, num_classes=10, auxiliary=True), torch.randn(3, 3, 224, 224)
+    net.train()
+    net.drop_path_prob = 0.3
+    results = []
+    for forward in (net, lambda x: darts_forward(net, x)):
+        torch.manual_seed(1)
+        with OpCounter() as ops:
+            logits, aux = forward(x)
+        loss = logits.square().sum() + aux.square().sum()
+        results.append((logits, aux, torch.autograd.grad(loss, list(net.parameters())), ops.calls["relu"]))
+    (logits, aux, grads, relus), (d_logits, d_aux, d_grads, d_relus) = results
+    torch.testing.assert_close(logits, d_logits, rtol=0, atol=0)
+    torch.testing.assert_close(aux, d_aux, rtol=0, atol=0)
+    for a, b in zip(grads, d_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # DARTS: 2 per cell; here one per state: the stem's output (cifar: s0 and s1 of cell 0; imagenet: two
+    # states) and every cell's output but the last
+    n = len(net.cells)
+    assert d_relus - relus == 2 * n - ((1 if network == "cifar" else 2) + n - 1)

@@ -257,6 +257,46 @@ def test_a_cell_applies_one_relu_per_source(sharing):
     assert ops.calls["relu"] == 2 + n_sources + n_sep_convs * n_slots   # 2: the preprocessing
 
 
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_the_network_applies_each_states_relu_once_for_the_two_cells_that_take_it(mode, stem):
+    """Cell k's output is s1 of cell k + 1 and s0 of cell k + 2, and both preprocessings begin with a
+    ReLU of it: the network runs that ReLU once per state. Same logits and gradients as every cell
+    applying its own (the plain loop below), and one ReLU fewer per state that two cells take."""
+    torch.manual_seed(0)
+    net = SearchNetwork(SupernetSpec.from_config(tiny_config(mode=mode), num_classes=10, in_channels=3, stem=stem))
+    x = torch.randn(2, 3, 224 if stem == "imagenet" else 16, 224 if stem == "imagenet" else 16)
+    structure = net.structure(net.arch_weights(), x.device)
+    w_normal, w_reduce = net.arch_weights()
+
+    def plain():   # each cell from the raw states, as a cell called on its own
+        s0 = net.stem0(x)
+        s1 = s0 if net.stem1 is None else net.stem1(s0)
+        for cell, plan in zip(net.cells, structure.plans):
+            w = w_reduce if cell.reduction else w_normal
+            coef = w[plan.rows, plan.cols] if cell.engine else None
+            s0, s1 = s1, cell(s0, s1, plan, coef)
+        return net.classifier(net.global_pooling(s1).flatten(1))
+
+    results = []
+    for run in (lambda: net.run_structure(structure.plans, x, w_normal, w_reduce), plain):
+        with OpCounter() as ops:
+            logits = run()
+        grads = torch.autograd.grad(logits.square().sum(), list(net.parameters()), allow_unused=True,
+                                    retain_graph=True)
+        results.append((logits, grads, ops.calls["relu"]))
+    (shared, shared_grads, shared_relus), (own, own_grads, own_relus) = results
+    torch.testing.assert_close(shared, own, rtol=0, atol=0)
+    for a, b in zip(shared_grads, own_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Preprocessing ReLUs: each cell's own, 2 per cell; shared, one per state a cell takes: the cifar
+    # stem's output (s0 and s1 of cell 0) or the imagenet stem's two, and every cell's output but the last.
+    n = len(net.cells)
+    assert own_relus - shared_relus == 2 * n - ((1 if stem == "cifar" else 2) + n - 1)
+
+
 def test_a_dense_transit_cell_sums_each_source_once():
     """DST's initial structure keeps every op of every edge: node j adds up the ops of each source,
     summed once per source and shared by the nodes it feeds; the output is still the plain sum."""
