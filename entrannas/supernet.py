@@ -602,7 +602,8 @@ class SearchNetwork(nn.Module):
         # two cells (s1 of the next, s0 of the one after): the ReLU runs once per state, for both.
         stem = self.stem0(x)
         r0 = F.relu(stem)
-        r1 = r0 if self.stem1 is None else F.relu(self.stem1(stem))
+        # the imagenet stem1 begins with that same ReLU of the stem's output (stem1[0])
+        r1 = r0 if self.stem1 is None else F.relu(self.stem1[1:](r0))
         out = stem
         for index, (cell, plan) in enumerate(zip(self.cells, plans)):
             w = w_reduce if cell.reduction else w_normal
