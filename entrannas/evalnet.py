@@ -40,10 +40,9 @@ class EvalCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float, inputs_relu: bool = False) -> torch.Tensor:
         """``inputs_relu``: ``s0`` and ``s1`` have been through the ReLU that begins both preprocessings."""
-        if inputs_relu:
-            states = [self.preprocess0.forward_from_relu(s0), self.preprocess1.forward_from_relu(s1)]
-        else:
-            states = [self.preprocess0(s0), self.preprocess1(s1)]
+        if not inputs_relu:   # a cell called on its own
+            s0, s1 = F.relu(s0), F.relu(s1)
+        states = [self.preprocess0.forward_from_relu(s0), self.preprocess1.forward_from_relu(s1)]
         for inputs, ops in zip(self.inputs, self.ops):
             total = None
             for i, op in zip(inputs, ops):

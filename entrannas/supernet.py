@@ -244,10 +244,9 @@ class SearchCell(nn.Module):
         ``coef=None`` a Transit-cell's: the plain sum of the derived ops. ``streams`` runs the ops of a
         source side by side. ``inputs_relu``: ``s0`` and ``s1`` have been through the ReLU that begins
         both preprocessings (the network applies it once to each state, for the two cells that take it)."""
-        if inputs_relu:
-            states = [self.preprocess0.forward_from_relu(s0), self.preprocess1.forward_from_relu(s1)]
-        else:
-            states = [self.preprocess0(s0), self.preprocess1(s1)]
+        if not inputs_relu:   # a cell called on its own
+            s0, s1 = F.relu(s0), F.relu(s1)
+        states = [self.preprocess0.forward_from_relu(s0), self.preprocess1.forward_from_relu(s1)]
         squeezed: dict[int, torch.Tensor] = {}
         activated: dict[int, torch.Tensor] = {}
         features: dict[tuple[int, int], torch.Tensor] = {}   # (slot, op) -> [B, C, H, W]
@@ -604,7 +603,6 @@ class SearchNetwork(nn.Module):
         r0 = F.relu(stem)
         # the imagenet stem1 begins with that same ReLU of the stem's output (stem1[0])
         r1 = r0 if self.stem1 is None else F.relu(self.stem1[1:](r0))
-        out = stem
         for index, (cell, plan) in enumerate(zip(self.cells, plans)):
             w = w_reduce if cell.reduction else w_normal
             if cell.engine:
