@@ -163,16 +163,39 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
 
 
 def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 logits and the flattened gradients (zeros where none) of one arch or weight pass."""
+    """The fp32 logits and the flattened gradients (zeros where none) of one arch or weight pass, in
+    the order of ``_pass_parameters``."""
     net = opt.model
     net.zero_grad(set_to_none=True)
     loss, logits = opt.frozen_arch_loss(*batch) if arch_pass else opt.weight_loss(*batch)
     loss.backward()
     net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
-    params = net.arch_parameters() if arch_pass else net.weight_parameters()
-    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                       for _, p in _pass_parameters(net, arch_pass)])
     net.zero_grad(set_to_none=True)
     return full_precision(logits).detach(), grads
+
+
+def _pass_parameters(net: SearchNetwork, arch_pass: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    """What a pass updates, with names: the architecture parameters, or the weights."""
+    wanted = {id(p) for p in (net.arch_parameters() if arch_pass else net.weight_parameters())}
+    return [(name, p) for name, p in net.named_parameters() if id(p) in wanted]
+
+
+def largest_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
+                        top: int = 3) -> list[dict]:
+    """The parameters that hold most of the difference between two flattened gradients: each one's
+    share of ``|fast - ref|^2``, its cosine, and its share of ``|ref|^2`` (a gradient that differs a
+    lot but weighs little bends the whole cosine little)."""
+    sizes = [p.numel() for _, p in named]
+    diff = (fast - ref).pow(2).split(sizes)
+    total, weight = max(sum(d.sum().item() for d in diff), 1e-300), max(ref.pow(2).sum().item(), 1e-300)
+    rows = []
+    for (name, _), d, a, b in zip(named, diff, fast.split(sizes), ref.split(sizes)):
+        rows.append({"parameter": name, "share_of_difference": d.sum().item() / total,
+                     "share_of_gradient": b.pow(2).sum().item() / weight,
+                     "cosine": F.cosine_similarity(a, b, dim=0).item()})
+    return sorted(rows, key=lambda r: -r["share_of_difference"])[:top]
 
 
 def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
@@ -202,7 +225,9 @@ def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
         if other_batch is not None:
             reference_cosines["other_batch"] = cosine(_pass_result(plain, other_batch, arch_pass)[1], grads)
         out[name] = {"logits_max_rel_error": ((fast_logits - logits).abs().max() / logits.abs().max()).item(),
-                     "grad_cosine": cosine(fast_grads, grads), "reference": reference_cosines}
+                     "grad_cosine": cosine(fast_grads, grads), "reference": reference_cosines,
+                     "largest_differences": largest_differences(_pass_parameters(reference, arch_pass),
+                                                                fast_grads, grads)}
     return out
 
 
@@ -360,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
                         "instead of the initial state; MODE=GENOTYPE for one mode only "
                         "(e.g. DARTS_V2 dst=dst.json); implies --frozen-arch")
     p.add_argument("--check", action="store_true", help="compare with the fp32 eager path after timing")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="full fp32 convolutions on a GPU (torch's default lets cuDNN use TF32 for them)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps per config: kernels (GPU) or aten ops (CPU) by time")
     p.add_argument("--count-ops", action="store_true",
@@ -398,7 +425,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     use_fast_kernels(device)
+    if not args.tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     doc = {**where_it_ran(device), "date": time.strftime("%Y-%m-%d"),
+           # how fp32 convolutions and matrix products ran on a GPU (the check's fp32 reference too)
+           "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
            "command": _command_line(argv),
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
     if device.type != "cuda":   # the epoch records leave a CPU unnamed; a benchmark names it
@@ -495,6 +527,11 @@ def table(rows: list[dict]) -> str:
                      f"{_both_passes(c, 'grad_cosine')}  "
                      f"(rounded input {_both_passes(c, 'input_rounded_to_bf16')}; "
                      f"other batch {_both_passes(c, 'other_batch')})")
+        worst = c["weight_pass"].get("largest_differences")
+        if worst and c["weight_pass"]["grad_cosine"] < 0.999:
+            lines.append("    weight pass, most of the difference: " + ", ".join(
+                f"{w['parameter']} ({w['share_of_difference']:.0%}; cosine {w['cosine']:.2f}, "
+                f"{w['share_of_gradient']:.0%} of the gradient)" for w in worst))
     for r in rows:
         pay = r.get("payback")
         if pay:

@@ -42,10 +42,11 @@ CAPTURE = "capture"
 DEFAULT_AFTER = 400
 #: The same rule for ``capture``: recording runs ``CAPTURE_WARMUP`` eager pass of each kind and then
 #: the host's half of one more (the kernels are recorded, not run), about one eager step in all. On
-#: the H200 an eager bf16 channels_last EnTranNAS step took 0.208 s and a graphed one 0.069 s, so a
-#: recording is won back after about two steps; in fp32 graphs save little and pay later. An
-#: estimate until a GPU measures it (the bench prints the payback). Early in a search the derived
-#: architecture lasts only a few steps (BENCHMARKS.md), so a short wait matters.
+#: an H200 4 warm-up steps with the recording took 0.7-1.9 s (session 8), an eager bf16 channels_last
+#: EnTranNAS step about 0.2 s (sessions 3 and 8) and a recorded one 0.046 s, so a recording is won
+#: back after a few steps.
+#: Early in a search the derived architecture lasts only a few steps (BENCHMARKS.md), so a short wait
+#: matters.
 CAPTURE_AFTER = 3
 #: At most this many derived structures are built.
 DEFAULT_CAPACITY = 16

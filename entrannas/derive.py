@@ -45,9 +45,12 @@ def _node_of_edge(n_nodes: int, n_inputs: int, device: torch.device) -> torch.Te
 
 
 @lru_cache(maxsize=None)
-def _source_of_edge(n_nodes: int, n_inputs: int, device: torch.device) -> torch.Tensor:
-    """Source state of every edge, cached per device."""
-    return torch.tensor([i for i, _ in edge_layout(n_nodes, n_inputs)], device=device)
+def _first_k_positions(n_nodes: int, n_inputs: int, k: int, device: torch.device) -> torch.Tensor:
+    """Where each node's first ``k`` edges sit in the edge layout (each node has at least ``k``
+    inputs), cached per device: a fixed-size index, so that picking them reads nothing on the host."""
+    if n_inputs < k:
+        raise ValueError(f"top-{k} needs {k} inputs per node; the first node has {n_inputs}")
+    return torch.tensor([e for e, (i, _) in enumerate(edge_layout(n_nodes, n_inputs)) if i < k], device=device)
 
 
 def edge_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
@@ -118,10 +121,12 @@ def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 
     node_of_edge = _node_of_edge(n_nodes, n_inputs, weights.device)
     order = torch.sort(edge_score, descending=True, stable=True).indices
     order = order[torch.sort(node_of_edge[order], stable=True).indices]
-    kept = order[_source_of_edge(n_nodes, n_inputs, weights.device) < k]
-    mask = torch.zeros_like(weights, dtype=torch.bool)
-    mask[kept, edge_op[kept]] = True
-    return mask
+    # Fixed-size indices and no Python scalars written through a tensor index: a boolean index or
+    # ``mask[i, j] = True`` would each wait for the GPU (a count, and a host-to-device copy of True).
+    kept = order[_first_k_positions(n_nodes, n_inputs, k, weights.device)]
+    kept_edge = torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device).index_fill_(0, kept, True)
+    ops = torch.arange(weights.shape[1], device=weights.device)
+    return (ops == edge_op[:, None]) & kept_edge[:, None]
 
 
 def dst_mask(q_hat: torch.Tensor) -> torch.Tensor:

@@ -136,8 +136,18 @@ class CellPlan:
             if not node_kept:
                 raise DegenerateArchitecture(f"the derived cell leaves node {j + N_INPUTS} without inputs "
                                              "(non-finite architecture parameters?)")
-        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.cols = torch.tensor(cols, dtype=torch.long, device=device)
+        self.rows = _index_tensor(rows, device)
+        self.cols = _index_tensor(cols, device)
+
+
+def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor on ``device``. To a GPU through page-locked memory, without
+    waiting: a copy from pageable memory would sync, and a new derived structure builds its plans
+    inside a search step (its one sync, the derivation, has already happened)."""
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def weighted_sums(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

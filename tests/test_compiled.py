@@ -15,6 +15,10 @@ import pytest
 import torch
 
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from entrannas import derive
 
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.compiled import CAPTURE_AFTER, DEFAULT_AFTER, CapturedStructures, CompiledStructures
@@ -159,8 +163,8 @@ def test_more_structures_than_dynamos_default_recompile_limit_all_get_compiled()
     assert len(graphs) == 12 and runner.stats["compiled_calls"] == 12
 
 
-@pytest.mark.parametrize("mode,transit,compiled", [("dst", "sparse", False), ("entrannas", "masked", False),
-                                                   ("entrannas", "masked", True)])
+@pytest.mark.parametrize("mode,transit,compiled", [("dst", "sparse", False), ("entrannas", "sparse", False),
+                                                   ("entrannas", "masked", False), ("entrannas", "masked", True)])
 def test_a_search_step_waits_for_the_device_once(mode, transit, compiled):
     """The derived structure is read on the host once per step (masked Transit-cells: the mask, to
     drop the gradients of the ops left out); nothing else in a step syncs, compiled or recorded
@@ -192,6 +196,42 @@ def test_a_search_step_waits_for_the_device_once(mode, transit, compiled):
         # prototype ("...does not yet detect all synchronizing operations"), which is not a sync.
         syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
         assert len(syncs) == 3, [str(w.message) for w in caught]
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that, on a GPU, would wait for it: those whose output size depends on the
+    data (on meta tensors they raise) and copies between the host and the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        try:
+            out = func(*args, **(kwargs or {}))
+        except NotImplementedError as err:   # nonzero, item, masked_select, ... have no meta kernel
+            self.reads.append(f"{func}: {str(err)[:80]}")
+            raise
+        devices = {t.device.type for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:
+            self.reads.append(f"{func} on {sorted(devices)}")
+        return out
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_the_derivation_and_a_masked_pass_read_nothing_on_the_host(mode):
+    """On meta tensors (shapes, no data), so on any machine: deriving the masks on the device
+    (``device_masks``) and a whole masked forward and backward pass read no data on the host.
+    The top-2 rule once picked each node's edges with a boolean index, a GPU sync per cell type and pass."""
+    net = tiny_net(seed=0, mode=mode, transit="masked").to("meta")
+    x = torch.empty(4, 1, 8, 8, device="meta")
+    net(x)   # caches built once per device (the plan's index tensors) are copies from the host
+    recorder = _HostReads()
+    with recorder:
+        masks = net.device_masks(net.arch_weights(detach=True))
+        net(x).sum().backward()
+    assert recorder.reads == []
+    assert masks.shape == (2, derive.num_edges(net.spec.nodes), len(net.primitives)) and masks.dtype == torch.bool
 
 
 def _structures(names):
@@ -292,8 +332,8 @@ def test_the_recorder_hands_make_graphed_callables_the_pass_and_leaf_copies_of_i
     fast.compiled = CapturedStructures(fast.run_structure, fast, after=1, capture=compiled.capture_cuda_graphs)
     opts = [BilevelOptimizer(net, tiny_config(mode="dst")) for net in (eager, fast)]
     for step in range(2):
-        for opt in opts:
-            opt.step(batch(step), batch(100 + step), update_arch=True)
+        for opt in opts:   # CPU batches on a GPU test run too: the nets stay on the CPU
+            opt.step(tiny_batch(step), tiny_batch(100 + step), update_arch=True)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # the arch pass (weights frozen: only alpha and beta require grad) and the weight pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entrannas.bench import check_against_eager, main as bench_main
+from entrannas.bench import check_against_eager, largest_differences, main as bench_main
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.genotype import Genotype, genotype_masks
 from entrannas.ops import DARTS_PRIMITIVES
@@ -89,6 +89,41 @@ def test_the_checks_references_are_the_eager_path_against_itself():
         assert c["reference"]["input_rounded_to_bf16"] > 0.99999 and c["reference"]["other_batch"] > 0.99999
     for c in other.values():
         assert c["reference"]["other_batch"] < 0.99
+
+
+def test_the_check_names_the_parameters_that_hold_most_of_a_difference():
+    """Two parameters, the second's gradient off: it holds the whole difference and its own cosine."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    ref = torch.tensor([3.0, 4.0, 1.0, 0.0, 0.0])
+    fast = torch.tensor([3.0, 4.0, 0.0, 1.0, 0.0])
+    worst = largest_differences([("a", a), ("b", b)], fast, ref)
+    assert [w["parameter"] for w in worst] == ["b", "a"]
+    assert worst[0]["share_of_difference"] == pytest.approx(1.0) and worst[1]["share_of_difference"] == 0.0
+    assert worst[0]["cosine"] == pytest.approx(0.0, abs=1e-7) and worst[1]["cosine"] == pytest.approx(1.0)
+    assert worst[0]["share_of_gradient"] == pytest.approx(1 / 26) and worst[1]["share_of_gradient"] == pytest.approx(25 / 26)
+    assert len(largest_differences([("a", a), ("b", b)], fast, ref, top=1)) == 1
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 flags as torch sets them, restored after the test (the bench sets them process-wide)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_bench_records_tf32_and_no_tf32_turns_it_off(capsys, tf32_flags):
+    small = ["--configs", "entrannas", "--layers", "3", "--channels", "4", "--batch-size", "2", "--image-size", "8",
+             "--steps", "1", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+    assert bench_main(small) == 0
+    assert json.loads(capsys.readouterr().out)["tf32"] == {"cudnn": True, "matmul": False}
+    assert bench_main(small + ["--no-tf32", "--check"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tf32"] == {"cudnn": False, "matmul": False} and doc["args"]["tf32"] is False
+    (row,) = doc["results"]
+    names = [w["parameter"] for w in row["check"]["weight_pass"]["largest_differences"]]
+    assert len(names) == 3 and all(not n.startswith(("alpha", "beta")) for n in names)
 
 
 def test_bench_sets_placement_sharing_and_ratio_per_config_or_for_all(capsys):
@@ -270,6 +305,55 @@ def test_bench_times_masked_transit_cells_as_one_structure(capsys):
     assert masked["op_count"]["ops_per_step"] > sparse["op_count"]["ops_per_step"]
 
 
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_check_finds_an_op_whose_channels_last_kernel_is_wrong(monkeypatch, capsys, tmp_path):
+    """benchmarks/op_check.py: every op agrees with float64 in both layouts here; an op that computes
+    something else for a channels_last input (a stand-in for a wrong kernel) is reported, and only it."""
+    check = _script("op_check")
+    rows = check.compare_layouts(torch.device("cpu"), batch_size=4, shapes=((4, 8),))
+    assert len(rows) == 2 * (len(check.DARTS_PRIMITIVES) - 1)
+    assert all(r["worst"] < check.TOLERANCE for r in rows), [r for r in rows if r["worst"] >= check.TOLERANCE]
+
+    class OffInChannelsLast(torch.nn.Module):
+        def forward(self, x):
+            wrong = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return x * 1.01 if wrong else x
+
+    real = check.build_op
+    monkeypatch.setattr(check, "build_op", lambda name, *a, **k: OffInChannelsLast() if name == "skip_connect"
+                        else real(name, *a, **k))
+    out = tmp_path / "ops.json"
+    assert check.main(["--device", "cpu", "--batch-size", "2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    bad = [r for r in doc["results"] if r["worst"] > check.TOLERANCE]
+    assert {r["op"] for r in bad} == {"skip_connect"} and len(bad) == 2 * len(check.SHAPES)
+    assert all(r["errors"]["nchw"]["output"] == 0 and r["errors"]["channels_last"]["output"] > 5e-3 for r in bad)
+    assert "skip_connect 4ch 32px stride 1: channels_last: output" in capsys.readouterr().err
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits_and_moves_the_gradients_only_when_on():
+    tf32 = _script("tf32_rounding")
+    conv2d = torch.nn.functional.conv2d
+    x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), 3.0e-30])
+    assert tf32.round_to_tf32(x).tolist() == [1.0, 1 + 2**-10, 1 + 2**-10, 1.0, -(1 + 2 * 2**-10),
+                                              tf32.round_to_tf32(torch.tensor([3.0e-30])).item()]
+    small = dict(mode="dst", arch=None, batch_size=4, layers=3, channels=4, image_size=8, warmup=1)
+    plain = tf32.measure(rounding=False, **small)["check"]["weight_pass"]
+    rounded = tf32.measure(rounding=True, **small)["check"]["weight_pass"]
+    assert plain["grad_cosine"] > 0.99999 and plain["logits_max_rel_error"] == 0.0
+    assert 0.9 < rounded["grad_cosine"] < 0.99999 and 0 < rounded["logits_max_rel_error"] < 1e-2
+    assert torch.nn.functional.conv2d is conv2d   # the stand-in is gone
+
+
 def _structure_churn():
     import importlib.util
 
@@ -314,7 +398,7 @@ def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     root = Path(__file__).resolve().parent.parent
     script = (root / "benchmarks" / "gpu_session.sh").read_text()
     defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
-    names = ("CONFIGS", "ARCH", "ARCH_CONFIGS", "CHURN_CONFIGS", "INDUCTOR_CONFIGS")
+    names = ("CONFIGS", "ARCH", "ARCH_CONFIGS", "CHURN_CONFIGS", "INDUCTOR_CONFIGS", "DIAGNOSE_CONFIGS")
     shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=root,
                            capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
     values = dict(zip(names, shown.splitlines()))
@@ -324,7 +408,7 @@ def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     arch = values["ARCH"].split()
     for label in labels:
         config = parse_label(label, args)
-        if label in values["ARCH_CONFIGS"].split():
+        if label in values["ARCH_CONFIGS"].split() + values["DIAGNOSE_CONFIGS"].split():
             source = arch_of(arch, config.mode)
             source = source if source in ZOO else str(root / source)
             arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)

@@ -1,0 +1,105 @@
+"""Does every candidate op compute the same in channels_last as in NCHW, on this device?
+
+    python benchmarks/op_check.py [--device cuda] [--batch-size 256] [--out FILE.json]
+
+For each op of the DARTS space (as a search cell builds it: pools with their batch norm, no affine
+weights), at the widths and resolutions of the 8-cell C=16 super-net after the bottleneck (4
+channels at 32x32, 8 at 16x16, 16 at 8x8) and stride 1 and 2: the output, the input's gradient and
+every weight's gradient of an fp32 pass in NCHW and in channels_last, each against the same pass in
+float64, as the largest error over the float64 tensor's largest value. cuDNN's benchmark mode is on
+(as in a search) and TF32 off, so fp32 should agree to about 1e-5; prints JSON and the ops that do
+not. Session 8 found the settled DST search's weight gradients far from the eager NCHW ones on an
+H200 with channels_last and CUDA graphs (cosine 0.77), which TF32 rounding did not explain on the
+CPU; this says whether a kernel of one layout is the cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from entrannas.ops import DARTS_PRIMITIVES, build_op
+
+#: (channels, resolution) of the super-net's three stages after the 1x1 bottleneck (C=16, ratio 4)
+SHAPES = ((4, 32), (8, 16), (16, 8))
+#: fp32 against float64: anything past this is a wrong kernel, not rounding
+TOLERANCE = 1e-4
+
+
+def _pass(op: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output and gradients (the input's, then each weight's by name) of one pass, as float64 NCHW."""
+    x = x.detach().requires_grad_(True)
+    op.zero_grad(set_to_none=True)
+    y = op(x)
+    y.backward(g.to(y.dtype))
+    out = {"output": y, "input grad": x.grad}
+    out.update({f"{name} grad": p.grad for name, p in op.named_parameters() if p.grad is not None})
+    return {k: v.detach().double().contiguous() for k, v in out.items()}
+
+
+def compare_layouts(device: torch.device, batch_size: int, shapes=SHAPES, primitives=DARTS_PRIMITIVES,
+                    seed: int = 0) -> list[dict]:
+    """One row per (op, channels, resolution, stride): each tensor's error in each layout."""
+    rows = []
+    for name in primitives:
+        if name == "none":
+            continue
+        for channels, size in shapes:
+            for stride in (1, 2):
+                torch.manual_seed(seed)
+                op = build_op(name, channels, stride, affine=False, search=True).to(device)
+                x = torch.randn(batch_size, channels, size, size, device=device)
+                y = op(x)
+                g = torch.randn(y.shape, device=device)
+                reference = _pass(op.double(), x.double(), g.double())
+                op.float()
+                nchw = _pass(op, x, g)
+                op.to(memory_format=torch.channels_last)
+                nhwc = _pass(op, x.contiguous(memory_format=torch.channels_last), g)
+                errors = {}
+                for layout, got in (("nchw", nchw), ("channels_last", nhwc)):
+                    errors[layout] = {k: ((got[k] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                                      for k, ref in reference.items()}
+                rows.append({"op": name, "channels": channels, "resolution": size, "stride": stride,
+                             "errors": errors,
+                             "worst": max(e for layout in errors.values() for e in layout.values())})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        print(f"op_check: --batch-size {args.batch_size}: must be >= 1", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rows = compare_layouts(device, args.batch_size)
+    doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else "cpu", "torch": torch.__version__, "batch_size": args.batch_size, "tolerance": TOLERANCE,
+           "results": rows}
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    bad = [r for r in rows if r["worst"] > TOLERANCE]
+    print(f"\n{len(rows)} op shapes, {len(bad)} past {TOLERANCE:g} against float64:", file=sys.stderr)
+    for r in bad:
+        where = "; ".join(f"{layout}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items() if v > TOLERANCE)
+                          for layout, e in r["errors"].items() if max(e.values()) > TOLERANCE)
+        print(f"  {r['op']} {r['channels']}ch {r['resolution']}px stride {r['stride']}: {where}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
