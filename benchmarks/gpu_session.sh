@@ -74,7 +74,7 @@ stage() { echo "stage $* at $(date -u +%T)" >> "$OUT/environment.txt"; }
 wanted() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
 bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
-    local name=$1 limit=$2 flags=$3
+    local name=$1 limit=$2 flags=$3   # the JSON goes to $OUT/$name.json, the table (stderr) to the log
     shift 3
     stage "$name"
     # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
@@ -82,7 +82,7 @@ bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
     TORCH_LOGS=$logs "$PY" -c "import torch" 2>/dev/null || logs=
     echo "=== stage $name" >> "$OUT/bench.log"   # one log for every bench stage (few files come back)
     TORCH_LOGS=$logs timeout "$limit" "$PY" -m entrannas.bench --configs "$@" $SIZE $flags \
-        --compile-backend "$BACKEND" --device "$DEVICE" --out "$OUT/$name.json" >> "$OUT/bench.log" 2>&1
+        --compile-backend "$BACKEND" --device "$DEVICE" --out "$OUT/$name.json" > /dev/null 2>> "$OUT/bench.log"
     echo "$name exit status $?" >> "$OUT/bench.log"
 }
 SETTLED="--steps 5 --repeats 3 --warmup 4 --frozen-arch --check --profile $PROFILE"

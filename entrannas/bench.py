@@ -46,7 +46,9 @@ import dataclasses
 import gc
 import json
 import platform
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -436,23 +438,53 @@ def main(argv=None) -> int:
     if device.type != "cuda":   # the epoch records leave a CPU unnamed; a benchmark names it
         doc["device_name"] = platform.processor() or "cpu"
     rows = doc["results"]
-    for label, config in zip(args.configs, configs):
-        try:
-            rows.append(measure(config, label, args, device))
-        except Exception as e:   # one failing configuration (a compiler error, out of memory) spares the others
-            traceback.print_exc()
-            rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
-        base = next((r for r in rows if r["config"] == "darts" and "error" not in r), None)
-        for r in rows:
-            if "error" not in r:
-                r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
-        add_payback(rows, args.warmup)
+    stopped = None
+    # `timeout` stops a run with SIGTERM: then, as after Ctrl-C, print what was measured so far
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        for label, config in zip(args.configs, configs):
+            try:
+                rows.append(measure(config, label, args, device))
+            except Exception as e:   # one failing configuration (a compiler error, out of memory) spares the others
+                traceback.print_exc()
+                rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
+            _finish_row(rows, args, doc, device, config)
+    except (KeyboardInterrupt, _Stopped) as e:
+        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (SIGTERM)"
+        doc["stopped"] = f"{stopped} after {len(rows)} of {len(configs)} configurations"
         if args.out is not None:
             write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-        _release(device, compiled=config.compile != "off")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
+    if stopped:
+        print(f"entrannas-tune bench: {doc['stopped']}", file=sys.stderr)
+        return 130 if stopped == "interrupted" else 143   # 128 + SIGINT, 128 + SIGTERM
     return 1 if any("error" in r for r in rows) else 0
+
+
+class _Stopped(Exception):
+    """SIGTERM while timing."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
+
+
+def _finish_row(rows: list[dict], args: argparse.Namespace, doc: dict, device: torch.device,
+                config: SearchConfig) -> None:
+    """After each configuration: the ratios, the payback, the JSON so far, and its memory freed."""
+    base = next((r for r in rows if r["config"] == "darts" and "error" not in r), None)
+    for r in rows:
+        if "error" not in r:
+            r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
+    add_payback(rows, args.warmup)
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
+    _release(device, compiled=config.compile != "off")
 
 
 def add_payback(rows: list[dict], warmup_steps: int) -> None:
@@ -498,7 +530,7 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
             continue
-        speed = f"{r['speedup_vs_darts']:.2f}" if r["speedup_vs_darts"] else "-"
+        speed = f"{r['speedup_vs_darts']:.2f}" if r.get("speedup_vs_darts") else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
                      f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f} "

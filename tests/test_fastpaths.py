@@ -1,6 +1,7 @@
 """Every fast path computes what the plain fp32 eager path computes (to the precision's tolerance)."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,33 @@ def test_the_checks_references_are_the_eager_path_against_itself():
         assert c["reference"]["input_rounded_to_bf16"] > 0.99999 and c["reference"]["other_batch"] > 0.99999
     for c in other.values():
         assert c["reference"]["other_batch"] < 0.99
+
+
+def test_a_bench_stopped_by_sigterm_prints_and_keeps_what_it_measured(tmp_path):
+    """`timeout` (gpu_session.sh) stops a bench with SIGTERM: the configurations measured so far are
+    printed as a table and kept in --out, marked stopped, and the exit status says so."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "entrannas.bench", "--configs", "entrannas", "dst", "dst", "dst", "dst",
+           "--layers", "3", "--channels", "4", "--batch-size", "2", "--image-size", "8", "--steps", "30",
+           "--repeats", "3", "--warmup", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)   # the first configuration is written when it is done
+    assert out.exists() and proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    doc = json.loads(stdout)
+    assert doc["stopped"].startswith("stopped (SIGTERM) after ") and doc["stopped"].endswith("of 5 configurations")
+    assert json.loads(out.read_text())["stopped"] == doc["stopped"]
+    assert 1 <= len(doc["results"]) < 5 and doc["results"][0]["config"] == "entrannas"
+    assert "s/step" in stderr and "\nentrannas " in stderr and "stopped (SIGTERM)" in stderr
 
 
 def test_the_check_names_the_parameters_that_hold_most_of_a_difference():
