@@ -67,7 +67,7 @@ mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inductor}
-{ date -u; nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda)"; } \
+{ date -u; uname -a; nvidia-smi || true; "$PY" -c "import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda)"; } \
     > "$OUT/environment.txt" 2>&1
 
 stage() { echo "stage $* at $(date -u +%T)" >> "$OUT/environment.txt"; }

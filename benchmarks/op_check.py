@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from entrannas.ops import DARTS_PRIMITIVES, build_op
+from entrannas.rundir import write_text_atomic
 
 #: (channels, resolution) of the super-net's three stages after the 1x1 bottleneck (C=16, ratio 4)
 SHAPES = ((4, 32), (8, 16), (16, 8))
@@ -41,9 +43,9 @@ def _pass(op: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, to
 
 
 def compare_layouts(device: torch.device, batch_size: int, shapes=SHAPES, primitives=DARTS_PRIMITIVES,
-                    seed: int = 0) -> list[dict]:
-    """One row per (op, channels, resolution, stride): each tensor's error in each layout."""
-    rows = []
+                    seed: int = 0):
+    """One row per (op, channels, resolution, stride), as each is done: each tensor's error in each
+    layout."""
     for name in primitives:
         if name == "none":
             continue
@@ -63,17 +65,21 @@ def compare_layouts(device: torch.device, batch_size: int, shapes=SHAPES, primit
                 for layout, got in (("nchw", nchw), ("channels_last", nhwc)):
                     errors[layout] = {k: ((got[k] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                                       for k, ref in reference.items()}
-                rows.append({"op": name, "channels": channels, "resolution": size, "stride": stride,
-                             "errors": errors,
-                             "worst": max(e for layout in errors.values() for e in layout.values())})
-    return rows
+                yield {"op": name, "channels": channels, "resolution": size, "stride": stride, "errors": errors,
+                       "worst": max(e for layout in errors.values() for e in layout.values())}
+
+
+def _describe(row: dict) -> str:
+    where = "; ".join(f"{layout}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items() if v > TOLERANCE)
+                      for layout, e in row["errors"].items() if max(e.values()) > TOLERANCE)
+    return f"{row['op']} {row['channels']}ch {row['resolution']}px stride {row['stride']}: {where}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each op shape)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         print(f"op_check: --batch-size {args.batch_size}: must be >= 1", file=sys.stderr)
@@ -83,21 +89,21 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    rows = compare_layouts(device, args.batch_size)
     doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else "cpu", "torch": torch.__version__, "batch_size": args.batch_size, "tolerance": TOLERANCE,
-           "results": rows}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+           "results": []}
+    rows = doc["results"]
+    for row in compare_layouts(device, args.batch_size):
+        rows.append(row)
+        if row["worst"] > TOLERANCE:   # as found: a time limit may stop the run
+            print(f"past {TOLERANCE:g}: {_describe(row)}", file=sys.stderr, flush=True)
+        if args.out:   # after each row, for the same reason
+            write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc, indent=2))
     bad = [r for r in rows if r["worst"] > TOLERANCE]
     print(f"\n{len(rows)} op shapes, {len(bad)} past {TOLERANCE:g} against float64:", file=sys.stderr)
     for r in bad:
-        where = "; ".join(f"{layout}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items() if v > TOLERANCE)
-                          for layout, e in r["errors"].items() if max(e.values()) > TOLERANCE)
-        print(f"  {r['op']} {r['channels']}ch {r['resolution']}px stride {r['stride']}: {where}", file=sys.stderr)
+        print(f"  {_describe(r)}", file=sys.stderr)
     return 0
 
 

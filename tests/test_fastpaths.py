@@ -347,7 +347,7 @@ def test_op_check_finds_an_op_whose_channels_last_kernel_is_wrong(monkeypatch, c
     """benchmarks/op_check.py: every op agrees with float64 in both layouts here; an op that computes
     something else for a channels_last input (a stand-in for a wrong kernel) is reported, and only it."""
     check = _script("op_check")
-    rows = check.compare_layouts(torch.device("cpu"), batch_size=4, shapes=((4, 8),))
+    rows = list(check.compare_layouts(torch.device("cpu"), batch_size=4, shapes=((4, 8),)))
     assert len(rows) == 2 * (len(check.DARTS_PRIMITIVES) - 1)
     assert all(r["worst"] < check.TOLERANCE for r in rows), [r for r in rows if r["worst"] >= check.TOLERANCE]
 
