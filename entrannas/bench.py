@@ -466,8 +466,9 @@ def main(argv=None) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-class _Stopped(Exception):
-    """SIGTERM while timing."""
+class _Stopped(BaseException):
+    """SIGTERM while timing (a BaseException, as KeyboardInterrupt: a failing configuration's
+    ``except Exception`` must not take it for an error and go on)."""
 
 
 def _stop(signum, frame):
