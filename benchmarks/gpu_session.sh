@@ -73,27 +73,28 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/entrannas-inducto
 stage() { echo "stage $* at $(date -u +%T)" >> "$OUT/environment.txt"; }
 wanted() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
-bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
-    local name=$1 limit=$2 flags=$3   # the JSON goes to $OUT/$name.json, the table (stderr) to the log
-    shift 3
+logged() {   # logged NAME LIMIT COMMAND...: one stage; its JSON goes to $OUT/NAME.json (the command's
+    # --out), its table (stderr) to the one log of every stage (few files come back)
+    local name=$1 limit=$2
+    shift 2
     stage "$name"
+    echo "=== stage $name" >> "$OUT/bench.log"
+    timeout "$limit" "$@" > /dev/null 2>> "$OUT/bench.log"
+    echo "$name exit status $?" >> "$OUT/bench.log"
+}
+bench() {   # bench NAME LIMIT "BENCH FLAGS" CONFIGS...
+    local name=$1 limit=$2 flags=$3
+    shift 3
     # perf_hints says why inductor skipped CUDA graphs, if it did (left out where this torch lacks it).
     local logs=perf_hints
     TORCH_LOGS=$logs "$PY" -c "import torch" 2>/dev/null || logs=
-    echo "=== stage $name" >> "$OUT/bench.log"   # one log for every bench stage (few files come back)
-    TORCH_LOGS=$logs timeout "$limit" "$PY" -m entrannas.bench --configs "$@" $SIZE $flags \
-        --compile-backend "$BACKEND" --device "$DEVICE" --out "$OUT/$name.json" > /dev/null 2>> "$OUT/bench.log"
-    echo "$name exit status $?" >> "$OUT/bench.log"
+    logged "$name" "$limit" env TORCH_LOGS=$logs "$PY" -m entrannas.bench --configs "$@" $SIZE $flags \
+        --compile-backend "$BACKEND" --device "$DEVICE" --out "$OUT/$name.json"
 }
 SETTLED="--steps 5 --repeats 3 --warmup 4 --frozen-arch --check --profile $PROFILE"
 # 1. Whether the fast paths compute what the eager one does, first: a wrong kernel voids the timings.
-if wanted ops; then
-    stage ops
-    echo "=== stage ops" >> "$OUT/bench.log"
-    timeout "$OPS_LIMIT" "$PY" benchmarks/op_check.py --device "$DEVICE" --batch-size "$OPS_BATCH" \
-        --out "$OUT/ops.json" > /dev/null 2>> "$OUT/bench.log"
-    echo "ops exit status $?" >> "$OUT/bench.log"
-fi
+wanted ops && logged ops "$OPS_LIMIT" "$PY" benchmarks/op_check.py --device "$DEVICE" --batch-size "$OPS_BATCH" \
+    --out "$OUT/ops.json"
 wanted diagnose && bench diagnose "$DIAGNOSE_LIMIT" \
     "--steps 3 --repeats 1 --warmup 3 --frozen-arch --check --no-tf32 --arch $ARCH" $DIAGNOSE_CONFIGS
 wanted arch && bench arch "$ARCH_LIMIT" "$SETTLED --arch $ARCH" $ARCH_CONFIGS

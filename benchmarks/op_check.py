@@ -16,6 +16,7 @@ CPU; this says whether a kernel of one layout is the cause.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -46,27 +47,20 @@ def compare_layouts(device: torch.device, batch_size: int, shapes=SHAPES, primit
                     seed: int = 0):
     """One row per (op, channels, resolution, stride), as each is done: each tensor's error in each
     layout."""
-    for name in primitives:
-        if name == "none":
-            continue
-        for channels, size in shapes:
-            for stride in (1, 2):
-                torch.manual_seed(seed)
-                op = build_op(name, channels, stride, affine=False, search=True).to(device)
-                x = torch.randn(batch_size, channels, size, size, device=device)
-                y = op(x)
-                g = torch.randn(y.shape, device=device)
-                reference = _pass(op.double(), x.double(), g.double())
-                op.float()
-                nchw = _pass(op, x, g)
-                op.to(memory_format=torch.channels_last)
-                nhwc = _pass(op, x.contiguous(memory_format=torch.channels_last), g)
-                errors = {}
-                for layout, got in (("nchw", nchw), ("channels_last", nhwc)):
-                    errors[layout] = {k: ((got[k] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                                      for k, ref in reference.items()}
-                yield {"op": name, "channels": channels, "resolution": size, "stride": stride, "errors": errors,
-                       "worst": max(e for layout in errors.values() for e in layout.values())}
+    ops = [name for name in primitives if name != "none"]
+    for name, (channels, size), stride in itertools.product(ops, shapes, (1, 2)):
+        torch.manual_seed(seed)
+        op = build_op(name, channels, stride, affine=False, search=True).to(device)
+        x = torch.randn(batch_size, channels, size, size, device=device)
+        g = torch.randn(op(x).shape, device=device)
+        reference = _pass(op.double(), x.double(), g.double())
+        nchw = _pass(op.float(), x, g)
+        nhwc = _pass(op.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last), g)
+        errors = {layout: {k: ((got[k] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                           for k, ref in reference.items()}
+                  for layout, got in (("nchw", nchw), ("channels_last", nhwc))}
+        yield {"op": name, "channels": channels, "resolution": size, "stride": stride, "errors": errors,
+               "worst": max(e for layout in errors.values() for e in layout.values())}
 
 
 def _describe(row: dict) -> str:

@@ -45,20 +45,29 @@ class _RoundGradient(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def tf32_convolutions():
-    """Within: ``F.conv2d`` (which ``nn.Conv2d`` calls) computes in imitated TF32."""
+def tf32_convolutions(model: torch.nn.Module):
+    """Within: the convolutions that ``model``'s forward pass runs compute in imitated TF32, and no
+    others (the check's reference is another model). ``F.conv2d``, which ``nn.Conv2d`` calls, is
+    swapped for the duration; the model's forward hooks say when it is the model's pass."""
     plain = F.conv2d
+    inside = [False]
 
     def conv2d(x, w, *args, **kwargs):
+        if not inside[0]:
+            return plain(x, w, *args, **kwargs)
         x = x + (round_to_tf32(x) - x).detach()   # rounded values, the gradient of the identity
         w = w + (round_to_tf32(w) - w).detach()
         return _RoundGradient.apply(plain(x, w, *args, **kwargs))
 
+    hooks = [model.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, True)),
+             model.register_forward_hook(lambda module, args, out: inside.__setitem__(0, False))]
     F.conv2d = conv2d
     try:
         yield
     finally:
         F.conv2d = plain
+        for hook in hooks:
+            hook.remove()
 
 
 def measure(mode: str, arch: str | None, batch_size: int, layers: int, channels: int, image_size: int = 32,
@@ -81,17 +90,8 @@ def measure(mode: str, arch: str | None, batch_size: int, layers: int, channels:
 
     for _ in range(warmup):
         opt.step(batch(), batch(), update_arch=False)
-    plain_pass = bench._pass_result
-
-    def pass_result(o, b, arch_pass):
-        with tf32_convolutions() if rounding and o is opt else contextlib.nullcontext():
-            return plain_pass(o, b, arch_pass)
-
-    bench._pass_result = pass_result
-    try:
+    with tf32_convolutions(model) if rounding else contextlib.nullcontext():
         check = bench.check_against_eager(opt, batch(), batch())
-    finally:
-        bench._pass_result = plain_pass
     return {"mode": mode, "arch": arch, "batch_size": batch_size, "layers": layers, "channels": channels,
             "rounding": rounding, "check": check}
 

@@ -188,15 +188,18 @@ def largest_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch
                         top: int = 3) -> list[dict]:
     """The parameters that hold most of the difference between two flattened gradients: each one's
     share of ``|fast - ref|^2``, its cosine, and its share of ``|ref|^2`` (a gradient that differs a
-    lot but weighs little bends the whole cosine little)."""
+    lot but weighs little bends the whole cosine little). Per-parameter sums on the device, one read."""
     sizes = [p.numel() for _, p in named]
-    diff = (fast - ref).pow(2).split(sizes)
-    total, weight = max(sum(d.sum().item() for d in diff), 1e-300), max(ref.pow(2).sum().item(), 1e-300)
-    rows = []
-    for (name, _), d, a, b in zip(named, diff, fast.split(sizes), ref.split(sizes)):
-        rows.append({"parameter": name, "share_of_difference": d.sum().item() / total,
-                     "share_of_gradient": b.pow(2).sum().item() / weight,
-                     "cosine": F.cosine_similarity(a, b, dim=0).item()})
+
+    def per_parameter(v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part.sum() for part in v.split(sizes)])
+
+    diff, ref_sq, fast_sq, dot = map(per_parameter, ((fast - ref).square(), ref.square(), fast.square(), fast * ref))
+    eps = 1e-8   # as F.cosine_similarity: each norm at least eps
+    cosine = dot / (fast_sq.sqrt().clamp_min(eps) * ref_sq.sqrt().clamp_min(eps))
+    shares = torch.stack([diff / diff.sum().clamp_min(1e-300), ref_sq / ref_sq.sum().clamp_min(1e-300), cosine])
+    rows = [{"parameter": name, "share_of_difference": d, "share_of_gradient": g, "cosine": c}
+            for (name, _), d, g, c in zip(named, *shares.double().tolist())]
     return sorted(rows, key=lambda r: -r["share_of_difference"])[:top]
 
 
@@ -438,7 +441,7 @@ def main(argv=None) -> int:
     if device.type != "cuda":   # the epoch records leave a CPU unnamed; a benchmark names it
         doc["device_name"] = platform.processor() or "cpu"
     rows = doc["results"]
-    stopped = None
+    exit_status = None
     # `timeout` stops a run with SIGTERM: then, as after Ctrl-C, print what was measured so far
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() \
         else None
@@ -451,8 +454,8 @@ def main(argv=None) -> int:
                 rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
             _finish_row(rows, args, doc, device, config)
     except (KeyboardInterrupt, _Stopped) as e:
-        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (SIGTERM)"
-        doc["stopped"] = f"{stopped} after {len(rows)} of {len(configs)} configurations"
+        how, exit_status = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("stopped (SIGTERM)", 143)
+        doc["stopped"] = f"{how} after {len(rows)} of {len(configs)} configurations"
         if args.out is not None:
             write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
     finally:
@@ -460,9 +463,9 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
-    if stopped:
+    if exit_status is not None:   # 128 + the signal's number
         print(f"entrannas-tune bench: {doc['stopped']}", file=sys.stderr)
-        return 130 if stopped == "interrupted" else 143   # 128 + SIGINT, 128 + SIGTERM
+        return exit_status
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -373,9 +373,10 @@ def test_op_check_finds_an_op_whose_channels_last_kernel_is_wrong(monkeypatch, c
 def test_tf32_rounding_keeps_ten_mantissa_bits_and_moves_the_gradients_only_when_on():
     tf32 = _script("tf32_rounding")
     conv2d = torch.nn.functional.conv2d
-    x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), 3.0e-30])
+    tiny = 1.5 * 2**-100 + 2**-111   # 11 significant bits and a half: rounds away, to 1.5 * 2**-100 + 2**-110
+    x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), tiny])
     assert tf32.round_to_tf32(x).tolist() == [1.0, 1 + 2**-10, 1 + 2**-10, 1.0, -(1 + 2 * 2**-10),
-                                              tf32.round_to_tf32(torch.tensor([3.0e-30])).item()]
+                                              1.5 * 2**-100 + 2**-110]
     small = dict(mode="dst", arch=None, batch_size=4, layers=3, channels=4, image_size=8, warmup=1)
     plain = tf32.measure(rounding=False, **small)["check"]["weight_pass"]
     rounded = tf32.measure(rounding=True, **small)["check"]["weight_pass"]
@@ -385,13 +386,7 @@ def test_tf32_rounding_keeps_ten_mantissa_bits_and_moves_the_gradients_only_when
 
 
 def _structure_churn():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "structure_churn.py"
-    spec = importlib.util.spec_from_file_location("structure_churn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("structure_churn")
 
 
 def test_structure_churn_counts_runs_and_the_share_a_build_would_serve():
