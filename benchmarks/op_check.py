@@ -9,8 +9,11 @@ every weight's gradient of an fp32 pass in NCHW and in channels_last, each again
 float64, as the largest error over the float64 tensor's largest value. cuDNN's benchmark mode is on
 (as in a search) and TF32 off, so fp32 should agree to about 1e-5; prints JSON and the ops that do
 not. Session 8 found the settled DST search's weight gradients far from the eager NCHW ones on an
-H200 with channels_last and CUDA graphs (cosine 0.77), which TF32 rounding did not explain on the
-CPU; this says whether a kernel of one layout is the cause.
+H200 with channels_last and CUDA graphs (cosine 0.77); session 9 traced that to PyTorch's CUDA
+channels_last backward kernel of a padded average pool (``benchmarks/pool_grad_bug.py`` imitates it
+on the CPU and gets 0.773). ``entrannas.ops.AvgPool`` pools around that kernel where its probe finds
+it wrong, so the avg_pool_3x3 rows show the op as a search runs it, and the JSON records the probe's
+answer for this device (``channels_last_pool_grad_wrong``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from entrannas.ops import DARTS_PRIMITIVES, build_op
+from entrannas.ops import DARTS_PRIMITIVES, build_op, pool_grad_is_wrong
 from entrannas.rundir import write_text_atomic
 
 #: (channels, resolution) of the super-net's three stages after the 1x1 bottleneck (C=16, ratio 4)
@@ -85,7 +88,9 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
     doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else "cpu", "torch": torch.__version__, "batch_size": args.batch_size, "tolerance": TOLERANCE,
-           "results": []}
+           # ops.AvgPool pools channels_last inputs in NCHW where this is true, so avg_pool_3x3's
+           # rows show the op as the search runs it, not the kernel
+           "channels_last_pool_grad_wrong": pool_grad_is_wrong(device), "results": []}
     rows = doc["results"]
     for row in compare_layouts(device, args.batch_size):
         rows.append(row)

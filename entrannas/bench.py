@@ -67,6 +67,7 @@ from .compiled import CAPTURE
 from .config import MODES, ConfigError, SearchConfig, check_device_support, parse_overrides
 from .derive import arch_for_genotype
 from .genotype import GenotypeError
+from .ops import pool_grad_is_wrong
 from .rundir import write_text_atomic
 from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels, where_it_ran
 from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
@@ -184,23 +185,63 @@ def _pass_parameters(net: SearchNetwork, arch_pass: bool) -> list[tuple[str, tor
     return [(name, p) for name, p in net.named_parameters() if id(p) in wanted]
 
 
-def largest_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
-                        top: int = 3) -> list[dict]:
-    """The parameters that hold most of the difference between two flattened gradients: each one's
-    share of ``|fast - ref|^2``, its cosine, and its share of ``|ref|^2`` (a gradient that differs a
-    lot but weighs little bends the whole cosine little). Per-parameter sums on the device, one read."""
+def _per_parameter_sums(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor,
+                        ref: torch.Tensor) -> list[tuple[float, float, float, float]]:
+    """Per parameter, ``(|fast - ref|^2, |ref|^2, |fast|^2, fast . ref)`` of two flattened gradients:
+    summed on the device, read in one copy."""
     sizes = [p.numel() for _, p in named]
 
     def per_parameter(v: torch.Tensor) -> torch.Tensor:
         return torch.stack([part.sum() for part in v.split(sizes)])
 
-    diff, ref_sq, fast_sq, dot = map(per_parameter, ((fast - ref).square(), ref.square(), fast.square(), fast * ref))
-    eps = 1e-8   # as F.cosine_similarity: each norm at least eps
-    cosine = dot / (fast_sq.sqrt().clamp_min(eps) * ref_sq.sqrt().clamp_min(eps))
-    shares = torch.stack([diff / diff.sum().clamp_min(1e-300), ref_sq / ref_sq.sum().clamp_min(1e-300), cosine])
-    rows = [{"parameter": name, "share_of_difference": d, "share_of_gradient": g, "cosine": c}
-            for (name, _), d, g, c in zip(named, *shares.double().tolist())]
+    sums = torch.stack([per_parameter(v) for v in ((fast - ref).square(), ref.square(), fast.square(), fast * ref)])
+    return [tuple(column) for column in sums.double().t().tolist()]
+
+
+def _cosine(dot: float, fast_sq: float, ref_sq: float, eps: float = 1e-8) -> float:
+    """As F.cosine_similarity: each norm at least eps."""
+    return dot / (max(fast_sq ** 0.5, eps) * max(ref_sq ** 0.5, eps))
+
+
+def largest_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
+                        top: int = 3, sums=None) -> list[dict]:
+    """The parameters that hold most of the difference between two flattened gradients: each one's
+    share of ``|fast - ref|^2``, its cosine, and its share of ``|ref|^2`` (a gradient that differs a
+    lot but weighs little bends the whole cosine little). ``sums``: ``_per_parameter_sums``' answer,
+    if already read."""
+    sums = _per_parameter_sums(named, fast, ref) if sums is None else sums
+    diff_total = max(sum(s[0] for s in sums), 1e-300)
+    ref_total = max(sum(s[1] for s in sums), 1e-300)
+    rows = [{"parameter": name, "share_of_difference": diff / diff_total, "share_of_gradient": ref_sq / ref_total,
+             "cosine": _cosine(dot, fast_sq, ref_sq)}
+            for (name, _), (diff, ref_sq, fast_sq, dot) in zip(named, sums)]
     return sorted(rows, key=lambda r: -r["share_of_difference"])[:top]
+
+
+def block_of(name: str) -> str:
+    """The part of the network a parameter belongs to: ``cells.3`` for anything of cell 3, else the
+    top-level module (``stem0``, ``classifier``...)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "cells" else parts[0]
+
+
+def differences_by_block(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
+                         sums=None) -> list[dict]:
+    """The gradient cosine and share of the difference per block of the network (``block_of``), from
+    the output back to the input, as the backward pass runs. A backward kernel that goes wrong in
+    one cell bends the gradients of that cell and of everything before it, and leaves the later
+    ones alone, so the first block whose cosine drops is where to look; the weights' own gradients
+    say nothing of ops without weights (pools), this does."""
+    sums = _per_parameter_sums(named, fast, ref) if sums is None else sums
+    blocks: dict[str, list[float]] = {}
+    for (name, _), values in zip(named, sums):
+        acc = blocks.setdefault(block_of(name), [0.0, 0.0, 0.0, 0.0])
+        for i, v in enumerate(values):
+            acc[i] += v
+    diff_total = max(sum(b[0] for b in blocks.values()), 1e-300)
+    rows = [{"block": block, "cosine": _cosine(dot, fast_sq, ref_sq), "share_of_difference": diff / diff_total}
+            for block, (diff, ref_sq, fast_sq, dot) in blocks.items()]
+    return rows[::-1]
 
 
 def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
@@ -229,10 +270,12 @@ def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
         reference_cosines = {"input_rounded_to_bf16": cosine(_pass_result(plain, rounded, arch_pass)[1], grads)}
         if other_batch is not None:
             reference_cosines["other_batch"] = cosine(_pass_result(plain, other_batch, arch_pass)[1], grads)
+        named = _pass_parameters(reference, arch_pass)
+        sums = _per_parameter_sums(named, fast_grads, grads)
         out[name] = {"logits_max_rel_error": ((fast_logits - logits).abs().max() / logits.abs().max()).item(),
                      "grad_cosine": cosine(fast_grads, grads), "reference": reference_cosines,
-                     "largest_differences": largest_differences(_pass_parameters(reference, arch_pass),
-                                                                fast_grads, grads)}
+                     "largest_differences": largest_differences(named, fast_grads, grads, sums=sums),
+                     "by_block": differences_by_block(named, fast_grads, grads, sums=sums)}
     return out
 
 
@@ -436,6 +479,8 @@ def main(argv=None) -> int:
     doc = {**where_it_ran(device), "date": time.strftime("%Y-%m-%d"),
            # how fp32 convolutions and matrix products ran on a GPU (the check's fp32 reference too)
            "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+           # whether avg_pool_3x3 runs in NCHW on this device in channels_last configurations (ops.AvgPool)
+           "channels_last_pool_grad_wrong": pool_grad_is_wrong(device),
            "command": _command_line(argv),
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": []}
     if device.type != "cuda":   # the epoch records leave a CPU unnamed; a benchmark names it
@@ -568,6 +613,8 @@ def table(rows: list[dict]) -> str:
             lines.append("    weight pass, most of the difference: " + ", ".join(
                 f"{w['parameter']} ({w['share_of_difference']:.0%}; cosine {w['cosine']:.2f}, "
                 f"{w['share_of_gradient']:.0%} of the gradient)" for w in worst))
+            lines.append("    weight pass, cosine by block from the output back: " + ", ".join(
+                f"{b['block']} {b['cosine']:.3f}" for b in c["weight_pass"].get("by_block", ())))
     for r in rows:
         pay = r.get("payback")
         if pay:

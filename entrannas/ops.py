@@ -103,6 +103,60 @@ class FactorizedReduce(ReLUFirst, nn.Module):
         return self.bn(F.conv2d(r, weight, stride=2))
 
 
+#: device -> whether its channels_last backward kernel of a padded average pool is wrong (probed
+#: once per device by ``pool_grad_is_wrong``)
+_POOL_GRAD_WRONG: dict[torch.device, bool] = {}
+
+
+def _probe_pool_grad(device: torch.device) -> bool:
+    """Whether a padded 3x3 average pool's input gradient differs between channels_last and NCHW
+    on ``device``: a 2x3x5x5 pass in each layout, one read from the device."""
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32, device=device).reshape(2, 3, 5, 5).sin()
+    g = x.cos()   # the pool keeps the shape
+    grads = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = x.contiguous(memory_format=layout).requires_grad_(True)
+            y = F.avg_pool2d(xi, 3, stride=1, padding=1, count_include_pad=False)
+            grads.append(torch.autograd.grad(y, xi, g.contiguous(memory_format=layout))[0])
+    return not torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def pool_grad_is_wrong(device: torch.device) -> bool:
+    """Whether ``device``'s channels_last backward kernel of a padded average pool gives wrong input
+    gradients, as PyTorch's CUDA kernel does before its fix (pytorch/pytorch#188344: it leaves the
+    padding out of each pixel's position; fixed upstream in July 2026). Its forward pass is right,
+    so only a gradient check against NCHW shows it. Probed the first time a device is asked about;
+    where that cannot be done (while a CUDA graph is recorded, or torch.compile traces), taken as
+    wrong: ``AvgPool``'s way around the kernel is right either way."""
+    if device.type == "meta":   # shapes only: no gradient values to be wrong
+        return False
+    wrong = _POOL_GRAD_WRONG.get(device)
+    if wrong is None:
+        is_compiling = getattr(torch.compiler, "is_compiling", None)   # torch >= 2.3
+        if (is_compiling is not None and is_compiling()) or (
+                device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return True
+        wrong = _POOL_GRAD_WRONG[device] = _probe_pool_grad(device)
+    return wrong
+
+
+class AvgPool(nn.AvgPool2d):
+    """``nn.AvgPool2d`` that pools a channels_last input in NCHW where the device's channels_last
+    backward kernel is wrong (``pool_grad_is_wrong``), and gives the result back in channels_last:
+    two copies of a small tensor each way, and the gradients of PyTorch's NCHW kernel. Session 8's
+    channels_last search on an H200 (torch 2.11) got its gradients from the wrong kernel: a
+    weight-gradient cosine of 0.77 against NCHW, which imitating that kernel on the CPU reproduces
+    (``benchmarks/pool_grad_bug.py``, BENCHMARKS.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding and not x.is_contiguous() and pool_grad_is_wrong(x.device):
+            out = super().forward(x.contiguous())
+            return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+                memory_format=torch.channels_last) else out
+        return super().forward(x)
+
+
 class Conv7x1x7(ReLUFirst, nn.Sequential):
     """ReLU, a 1x7 and a 7x1 conv, BN (the DARTS ``conv_7x1_1x7``)."""
 
@@ -117,7 +171,7 @@ class Conv7x1x7(ReLUFirst, nn.Sequential):
 
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "avg_pool_3x3": lambda C, stride, affine: AvgPool(3, stride=stride, padding=1, count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
     "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
