@@ -228,7 +228,7 @@ def block_of(name: str) -> str:
 def differences_by_block(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
                          sums=None) -> list[dict]:
     """The gradient cosine and share of the difference per block of the network (``block_of``), from
-    the output back to the input, as the backward pass runs. A backward kernel that goes wrong in
+    the output back to the input, as the backward pass runs (``named`` in the network's order). A backward kernel that goes wrong in
     one cell bends the gradients of that cell and of everything before it, and leaves the later
     ones alone, so the first block whose cosine drops is where to look; the weights' own gradients
     say nothing of ops without weights (pools), this does."""
