@@ -28,6 +28,16 @@ def tiny_batch(seed: int, n: int = 8, dtype=torch.float32, device="cpu"):
             torch.randint(0, 10, (n,), generator=gen).to(device))
 
 
+def cotangent_loss(out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A scalar whose gradient with respect to ``out`` is a fixed random tensor, another for every
+    sample. Tests that compare two passes' gradients need that: a loss with the same gradient for
+    every sample, such as ``(out * c).sum()``, has exactly zero gradient behind a batch norm that
+    normalises with the batch's statistics (the super-net's last cell ends in them), so its
+    gradients there are rounding noise and any two of them agree within a tolerance."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return (out * g.to(out.device)).sum()
+
+
 def tiny_net(seed: int = 0, in_channels: int = 1, **changes) -> SearchNetwork:
     torch.manual_seed(seed)
     config = tiny_config(**changes)
