@@ -20,7 +20,8 @@
 #             benchmarks/genotypes/dst-digits.json (DST), beside the DARTS configuration;
 #   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "capture:seconds" or "backend/mode:seconds"),
 #             with session 8's fix for the one sync test that failed there (a new derived structure's
-#             index tensors copied from pageable memory);
+#             index tensors copied from pageable memory) and session 9's gradient comparisons (a loss
+#             with another gradient per sample; the recorded pass in channels_last against NCHW eager);
 #   churn     without --frozen-arch: the derived architecture changes while timing (random data: the
 #             arch gradient is noise), so each new structure runs eagerly or is recorded anew, except
 #             with masked Transit-cells (one structure whatever the mask);
