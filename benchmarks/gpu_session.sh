@@ -4,7 +4,7 @@
 #   run(command="bash benchmarks/gpu_session.sh", timeout_s=570)
 #
 # Stages (STAGES, each with its own time limit; a stage cut short keeps what it measured). The
-# default ones, in this order, are what session 9 left to the GPU: to confirm the avg-pool kernel
+# default ones, in the order they run, are what session 9 left to the GPU: to confirm the avg-pool kernel
 # bug and its way around, then to time the settled search again with it.
 #   ops       every candidate op in channels_last against NCHW, each against float64, at the
 #             super-net's widths after the bottleneck (benchmarks/op_check.py), and whether this
@@ -22,10 +22,11 @@
 #             with session 8's fix for the one sync test that failed there (a new derived structure's
 #             index tensors copied from pageable memory) and session 9's gradient comparisons (a loss
 #             with another gradient per sample; the recorded pass in channels_last against NCHW eager);
+#   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE) in
+#             channels_last (the pools' way around the kernel, in a whole run);
 #   churn     without --frozen-arch: the derived architecture changes while timing (random data: the
 #             arch gradient is noise), so each new structure runs eagerly or is recorded anew, except
-#             with masked Transit-cells (one structure whatever the mask);
-#   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE).
+#             with masked Transit-cells (one structure whatever the mask); last, as the least needed.
 # Not in the default STAGES: bench (the initial state, in fp32 with CUDA graphs recorded from the
 # eager kernels, channels_last and op streams: session 8 did not reach it) and inductor (inductor's
 # code generation with CUDA graphs; session 3's 380 s did not finish one configuration).
@@ -48,7 +49,7 @@ DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 BACKEND=${BACKEND:-inductor}
-STAGES=${STAGES:-ops diagnose arch tests churn search}
+STAGES=${STAGES:-ops diagnose arch tests search churn}
 OPS_BATCH=${OPS_BATCH:-256}
 OPS_LIMIT=${OPS_LIMIT:-60}
 DIAGNOSE_CONFIGS=${DIAGNOSE_CONFIGS:-dst dst+cl dst+capture dst+capture+cl entrannas+capture+cl}
@@ -65,7 +66,7 @@ CHURN_LIMIT=${CHURN_LIMIT:-60}
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-90}
 PROFILE=${PROFILE:-0}
-TEST_RUNS=${TEST_RUNS:-capture:60}
+TEST_RUNS=${TEST_RUNS:-capture:80}
 TESTS=${TESTS:-tests/test_compiled.py}
 SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
 mkdir -p "$OUT"
@@ -104,7 +105,6 @@ wanted diagnose && bench diagnose "$DIAGNOSE_LIMIT" \
     "--steps 3 --repeats 1 --warmup 3 --frozen-arch --check --no-tf32 --arch $ARCH" $DIAGNOSE_CONFIGS
 wanted arch && bench arch "$ARCH_LIMIT" "$SETTLED --arch $ARCH" $ARCH_CONFIGS
 wanted bench && bench bench "$BENCH_LIMIT" "$SETTLED" $CONFIGS
-wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4" $CHURN_CONFIGS
 
 # 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS.
 if wanted tests; then
@@ -127,12 +127,14 @@ if wanted search; then
     rm -rf /tmp/entrannas-search /tmp/search.log
     timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set subset_fraction=0.2 --set epochs=3 \
         --set arch_warmup_epochs=1 \
-        --set compile="$SEARCH_COMPILE" --set compile_after=2 \
+        --set compile="$SEARCH_COMPILE" --set compile_after=2 --set channels_last=true \
         $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > /tmp/search.log 2>&1
     echo "search exit status $?" >> /tmp/search.log
     # the run and its log in one file; the checkpoint is not needed back
     tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search search.log
 fi
+# 4. Less needed: a changing structure's cost, and inductor's code generation.
+wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4" $CHURN_CONFIGS
 wanted inductor && bench inductor "$INDUCTOR_LIMIT" "$SETTLED" $INDUCTOR_CONFIGS
 stage done
 grep -h -A16 -e "^=== stage" -e "^config " -e "op shapes" "$OUT"/bench.log 2>/dev/null
