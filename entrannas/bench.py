@@ -203,13 +203,7 @@ def _cosine(dot: float, fast_sq: float, ref_sq: float, eps: float = 1e-8) -> flo
     return dot / (max(fast_sq ** 0.5, eps) * max(ref_sq ** 0.5, eps))
 
 
-def largest_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
-                        top: int = 3, sums=None) -> list[dict]:
-    """The parameters that hold most of the difference between two flattened gradients: each one's
-    share of ``|fast - ref|^2``, its cosine, and its share of ``|ref|^2`` (a gradient that differs a
-    lot but weighs little bends the whole cosine little). ``sums``: ``_per_parameter_sums``' answer,
-    if already read."""
-    sums = _per_parameter_sums(named, fast, ref) if sums is None else sums
+def _largest_differences(named, sums, top: int) -> list[dict]:
     diff_total = max(sum(s[0] for s in sums), 1e-300)
     ref_total = max(sum(s[1] for s in sums), 1e-300)
     rows = [{"parameter": name, "share_of_difference": diff / diff_total, "share_of_gradient": ref_sq / ref_total,
@@ -225,14 +219,7 @@ def block_of(name: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "cells" else parts[0]
 
 
-def differences_by_block(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
-                         sums=None) -> list[dict]:
-    """The gradient cosine and share of the difference per block of the network (``block_of``), from
-    the output back to the input, as the backward pass runs (``named`` in the network's order). A backward kernel that goes wrong in
-    one cell bends the gradients of that cell and of everything before it, and leaves the later
-    ones alone, so the first block whose cosine drops is where to look; the weights' own gradients
-    say nothing of ops without weights (pools), this does."""
-    sums = _per_parameter_sums(named, fast, ref) if sums is None else sums
+def _differences_by_block(named, sums) -> list[dict]:
     blocks: dict[str, list[float]] = {}
     for (name, _), values in zip(named, sums):
         acc = blocks.setdefault(block_of(name), [0.0, 0.0, 0.0, 0.0])
@@ -242,6 +229,24 @@ def differences_by_block(named: list[tuple[str, torch.nn.Parameter]], fast: torc
     rows = [{"block": block, "cosine": _cosine(dot, fast_sq, ref_sq), "share_of_difference": diff / diff_total}
             for block, (diff, ref_sq, fast_sq, dot) in blocks.items()]
     return rows[::-1]
+
+
+def gradient_differences(named: list[tuple[str, torch.nn.Parameter]], fast: torch.Tensor, ref: torch.Tensor,
+                         top: int = 3) -> dict[str, list[dict]]:
+    """Where two flattened gradients (``named``'s parameters, in the network's order) differ, from
+    one read of per-parameter sums:
+
+    - ``largest_differences``: the ``top`` parameters that hold most of ``|fast - ref|^2``, each with
+      its share of it, its cosine and its share of ``|ref|^2`` (a gradient that differs a lot but
+      weighs little bends the whole cosine little);
+    - ``by_block``: the cosine and share of the difference per block of the network (``block_of``),
+      from the output back to the input, as the backward pass runs. A backward kernel that goes
+      wrong in one cell bends the gradients of that cell and of everything before it and leaves the
+      later ones alone, so the first block whose cosine drops is where to look; the weights' own
+      gradients say nothing of ops without weights (pools), this does."""
+    sums = _per_parameter_sums(named, fast, ref)
+    return {"largest_differences": _largest_differences(named, sums, top),
+            "by_block": _differences_by_block(named, sums)}
 
 
 def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
@@ -270,12 +275,9 @@ def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
         reference_cosines = {"input_rounded_to_bf16": cosine(_pass_result(plain, rounded, arch_pass)[1], grads)}
         if other_batch is not None:
             reference_cosines["other_batch"] = cosine(_pass_result(plain, other_batch, arch_pass)[1], grads)
-        named = _pass_parameters(reference, arch_pass)
-        sums = _per_parameter_sums(named, fast_grads, grads)
         out[name] = {"logits_max_rel_error": ((fast_logits - logits).abs().max() / logits.abs().max()).item(),
                      "grad_cosine": cosine(fast_grads, grads), "reference": reference_cosines,
-                     "largest_differences": largest_differences(named, fast_grads, grads, sums=sums),
-                     "by_block": differences_by_block(named, fast_grads, grads, sums=sums)}
+                     **gradient_differences(_pass_parameters(reference, arch_pass), fast_grads, grads)}
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entrannas.bench import block_of, check_against_eager, differences_by_block, largest_differences, main as bench_main
+from entrannas.bench import block_of, check_against_eager, gradient_differences, main as bench_main
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.genotype import Genotype, genotype_masks
 from entrannas.ops import DARTS_PRIMITIVES
@@ -127,12 +127,12 @@ def test_the_check_names_the_parameters_that_hold_most_of_a_difference():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
     ref = torch.tensor([3.0, 4.0, 1.0, 0.0, 0.0])
     fast = torch.tensor([3.0, 4.0, 0.0, 1.0, 0.0])
-    worst = largest_differences([("a", a), ("b", b)], fast, ref)
+    worst = gradient_differences([("a", a), ("b", b)], fast, ref)["largest_differences"]
     assert [w["parameter"] for w in worst] == ["b", "a"]
     assert worst[0]["share_of_difference"] == pytest.approx(1.0) and worst[1]["share_of_difference"] == 0.0
     assert worst[0]["cosine"] == pytest.approx(0.0, abs=1e-7) and worst[1]["cosine"] == pytest.approx(1.0)
     assert worst[0]["share_of_gradient"] == pytest.approx(1 / 26) and worst[1]["share_of_gradient"] == pytest.approx(25 / 26)
-    assert len(largest_differences([("a", a), ("b", b)], fast, ref, top=1)) == 1
+    assert len(gradient_differences([("a", a), ("b", b)], fast, ref, top=1)["largest_differences"]) == 1
 
 
 def test_the_check_gives_the_cosine_per_block_from_the_output_back():
@@ -143,7 +143,7 @@ def test_the_check_gives_the_cosine_per_block_from_the_output_back():
               ("classifier.weight", 1))]
     ref = torch.tensor([2.0, 3.0, 4.0, 1.0])
     fast = torch.tensor([2.0, 1.0, 0.0, 1.0])
-    rows = differences_by_block(named, fast, ref)
+    rows = gradient_differences(named, fast, ref)["by_block"]
     assert [r["block"] for r in rows] == ["classifier", "cells.1", "stem0"]
     assert [r["cosine"] for r in rows] == pytest.approx([1.0, 0.6, 1.0])
     assert [r["share_of_difference"] for r in rows] == pytest.approx([0.0, 1.0, 0.0])
