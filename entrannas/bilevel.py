@@ -90,6 +90,7 @@ class BilevelOptimizer:
 
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_batch
+        # None, not zeros: a recorded pass's gradients are its buffers (capture_cuda_graphs)
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.weight_loss(x, y)
         loss.backward()

@@ -185,6 +185,11 @@ def capture_cuda_graphs(fn: Callable, net: nn.Module, plans, args: tuple, pool) 
     read in place, so optimizer updates are seen. The output is the graph's tensor, overwritten by
     the next replay of the same graph: a step consumes it before then.
 
+    The parameters' gradients are handed back the same way: ``AccumulateGrad`` keeps them as their
+    ``.grad`` without a copy, so a ``.grad`` is overwritten by the next backward of the same graph and
+    must not be accumulated into across two of them (pytorch/pytorch#181723). The weight step sets
+    every ``.grad`` to None first, and the frozen-weight arch pass computes none.
+
     All graphs share ``pool``. That is safe because a pass's forward and backward always run one
     right after the other, so no replay can overwrite memory that another graph still needs
     between its two halves, and the memory every graph keeps (its inputs, outputs, gradients) is

@@ -60,7 +60,8 @@ def check_device_support(config: "SearchConfig", device) -> None:
     Only the device a job runs on can tell (a sweep's trials may run on other machines than its
     driver), so jobs call this once they know their device."""
     if config.op_streams > 1 and device.type != "cuda":
-        raise ConfigError("op_streams", config.op_streams, f"more than 1 needs a CUDA device; this job runs on {device}")
+        raise ConfigError("op_streams", config.op_streams,
+                          f"more than 1 needs a CUDA device; this job runs on {device}")
     if config.compile == CAPTURE and device.type != "cuda":
         raise ConfigError("compile", config.compile,
                           f"records CUDA graphs, so it needs a CUDA device; this job runs on {device}")

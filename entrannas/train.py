@@ -101,9 +101,10 @@ class Evaluation(EpochJob):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(), "genotype": self.genotype.to_dict(),
-                "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.device)}
+        return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(),
+                "genotype": self.genotype.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict) -> None:
         self._check_version(state)

@@ -165,7 +165,8 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
         axes = {}
         for key, values in block.items():
             if key not in search_keys:
-                raise _fail(f"{where}.{key}", values, f"unknown search setting; allowed: {', '.join(sorted(search_keys))}")
+                raise _fail(f"{where}.{key}", values,
+                            f"unknown search setting; allowed: {', '.join(sorted(search_keys))}")
             if key in set_keys:
                 continue   # --set fixes it: the axis collapses
             if not isinstance(values, list):

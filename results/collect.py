@@ -160,7 +160,8 @@ def _epoch_row(trial: dict, record: dict) -> dict:
     kept_n = record.get("kept_normal", kept.get("normal"))
     kept_r = record.get("kept_reduce", kept.get("reduce"))
     return {
-        **{k: v for k, v in trial.items() if k in ("experiment", "trial_id", "seed", "mode") or k.startswith("setting:")},
+        **{k: v for k, v in trial.items()
+           if k in ("experiment", "trial_id", "seed", "mode") or k.startswith("setting:")},
         "epoch": record["epoch"], "tau": record.get("tau"),
         "valid_error": record.get("valid_error", 1 - record["valid_acc"] if "valid_acc" in record else None),
         "train_loss": record.get("train_loss"),
@@ -183,7 +184,8 @@ def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
         "seed": config.get("seed", 0), "mode": config.get("mode", "evaluate" if kind == "evaluate" else None),
         "dataset": config.get("dataset"), "epochs_done": len(history),
         "valid_error": (1 - history[-1]["valid_acc"]) if kind == "search" and history else None,
-        "eval_test_error": result.get("test_error", history[-1].get("test_error") if kind == "evaluate" and history else None),
+        "eval_test_error": result.get("test_error",
+                                      history[-1].get("test_error") if kind == "evaluate" and history else None),
         "genotype": json.dumps(genotype) if genotype else None,
         "search_seconds": seconds if kind == "search" else None,
         "eval_seconds": seconds if kind == "evaluate" else None,

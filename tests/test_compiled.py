@@ -334,30 +334,92 @@ def test_op_streams_need_a_cuda_device_and_no_torch_compile():
         check_device_support(config, DEVICE)
 
 
-def test_the_recorder_hands_make_graphed_callables_the_pass_and_leaf_copies_of_its_inputs(monkeypatch):
-    """The wiring of ``capture_cuda_graphs`` on the CPU: make_graphed_callables (CUDA only) is replaced
-    by a stand-in that checks what it gets and returns the module unrecorded."""
+class ReplayedPass:
+    """``torch.cuda.make_graphed_callables`` on the CPU, as far as its tensors go: the pass runs
+    eagerly, but like a replayed graph it hands back tensors that the next replay overwrites. Each
+    forward copies the inputs into the recorded ones and returns a detached alias of one output
+    buffer; each backward writes the gradients into one buffer per input and parameter and returns
+    detached aliases of those. ``AccumulateGrad`` keeps such an alias as the parameter's ``.grad``
+    rather than copying it, so a ``.grad`` changes under the next backward of the same pass:
+    pytorch/pytorch#181723, which corrupts gradients accumulated over two backward passes."""
+
+    def __init__(self, module, sample_args, num_warmup_iters, allow_unused_input, pool):
+        assert all(a.is_leaf for a in sample_args) and allow_unused_input
+        self.module, self.inputs, self.params = module, tuple(sample_args), tuple(module.parameters())
+        self.surface = self.inputs + self.params
+        self.wanted = [t.requires_grad for t in self.surface]   # as recorded
+        self.output, self.grads, self.last = None, [None] * len(self.surface), None
+        replayed = self
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *surface):
+                for static, x in zip(replayed.inputs, surface):
+                    static.copy_(x)
+                with torch.enable_grad():
+                    out = replayed.module(*replayed.inputs)
+                if replayed.output is None:
+                    replayed.output = torch.empty_like(out)
+                replayed.output.copy_(out.detach())
+                replayed.last = out
+                return replayed.output.detach()
+
+            @staticmethod
+            def backward(ctx, grad):
+                targets = [t for t, w in zip(replayed.surface, replayed.wanted) if w]
+                found = iter(torch.autograd.grad(replayed.last, targets, grad, allow_unused=True))
+                returned = []
+                for i, w in enumerate(replayed.wanted):
+                    g = next(found) if w else None
+                    if g is None:
+                        returned.append(None)
+                        continue
+                    if replayed.grads[i] is None:
+                        replayed.grads[i] = torch.empty_like(g)
+                    replayed.grads[i].copy_(g)
+                    returned.append(replayed.grads[i].detach())
+                return tuple(returned)
+
+        self.replay = Replay
+
+    def __call__(self, *args):
+        return self.replay.apply(*args, *self.params)
+
+
+# Clipping rescales the aliased buffers in place; it also hides a doubled gradient (the same
+# direction), so the search runs once without it.
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_recorded_passes_give_the_eager_search_even_where_their_buffers_alias_the_gradients(grad_clip, monkeypatch):
+    """``capture_cuda_graphs`` on the CPU, with ``ReplayedPass`` for make_graphed_callables (CUDA only):
+    it gets the pass and leaf copies of its inputs, and bi-level steps through the recorded passes
+    follow the eager ones although the weights' ``.grad`` are the recording's buffers, overwritten
+    at each weight step's backward: every weight step starts from ``.grad = None``, and nothing
+    reads a gradient after the next backward of its pass."""
     import entrannas.compiled as compiled
 
-    calls = []
+    recordings = []
 
-    def stand_in(module, sample_args, num_warmup_iters, allow_unused_input, pool):
-        assert all(a.is_leaf for a in sample_args) and allow_unused_input
-        calls.append(([a.requires_grad for a in sample_args], {p.requires_grad for p in module.parameters()}))
-        return module
+    def record(*args, **kwargs):
+        recordings.append(ReplayedPass(*args, **kwargs))
+        return recordings[-1]
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
     eager, fast = tiny_net(seed=0, mode="dst"), tiny_net(seed=0, mode="dst")
     fast.compiled = CapturedStructures(fast.run_structure, fast, after=1, capture=compiled.capture_cuda_graphs)
-    opts = [BilevelOptimizer(net, tiny_config(mode="dst")) for net in (eager, fast)]
-    for step in range(2):
+    opts = [BilevelOptimizer(net, tiny_config(mode="dst", grad_clip=grad_clip)) for net in (eager, fast)]
+    for step in range(4):
         for opt in opts:   # CPU batches on a GPU test run too: the nets stay on the CPU
             opt.step(tiny_batch(step), tiny_batch(100 + step), update_arch=True)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # the arch pass (weights frozen: only alpha and beta require grad) and the weight pass
-    assert calls == [([False, True, True], {False, True}), ([False, False, False], {True})]
-    assert fast.compiled.stats["compiled_calls"] == 4
+    assert [(r.wanted[:3], set(r.wanted[3:])) for r in recordings] == [
+        ([False, True, True], {False, True}), ([False, False, False], {True})]
+    assert fast.compiled.stats["compiled_calls"] == 8
+    weight_pass = recordings[1]
+    buffers = {g.untyped_storage().data_ptr() for g in weight_pass.grads if g is not None}
+    aliased = [p for p in fast.parameters() if p.grad is not None and p.grad.untyped_storage().data_ptr() in buffers]
+    assert len(aliased) == len(buffers) > 0
 
 
 def test_a_pass_that_cannot_be_recorded_runs_eagerly_with_a_warning():

@@ -70,15 +70,15 @@ def test_evaluate_cli_from_a_search_directory(tmp_path, capsys):
     assert "genotype.json differs" in capsys.readouterr().err
 
 
+# a valid reduction cell, beside each broken normal cell
+REDUCE = '"reduce": [[["max_pool_3x3", 0]]], "reduce_concat": [2]'
+
+
 @pytest.mark.parametrize("content, message", [
-    ('{"normal": [[["conv_9x9", 0]]], "normal_concat": [2], "reduce": [[["max_pool_3x3", 0]]], "reduce_concat": [2]}',
-     "unknown operation 'conv_9x9'"),
-    ('{"normal": [[["sep_conv_3x3", 3]]], "normal_concat": [2], "reduce": [[["max_pool_3x3", 0]]], "reduce_concat": [2]}',
-     "not an earlier node"),
-    ('{"normal": [[]], "normal_concat": [2], "reduce": [[["max_pool_3x3", 0]]], "reduce_concat": [2]}',
-     "node 2 has no inputs"),
-    ('{"normal": [[["sep_conv_3x3", 0]]], "normal_concat": [7], "reduce": [[["max_pool_3x3", 0]]], "reduce_concat": [2]}',
-     "node 7 does not exist"),
+    ('{"normal": [[["conv_9x9", 0]]], "normal_concat": [2], %s}' % REDUCE, "unknown operation 'conv_9x9'"),
+    ('{"normal": [[["sep_conv_3x3", 3]]], "normal_concat": [2], %s}' % REDUCE, "not an earlier node"),
+    ('{"normal": [[]], "normal_concat": [2], %s}' % REDUCE, "node 2 has no inputs"),
+    ('{"normal": [[["sep_conv_3x3", 0]]], "normal_concat": [7], %s}' % REDUCE, "node 7 does not exist"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], reduce=[(", "does not parse"),
 ])
 def test_bad_genotype_files_exit_2_before_training(tmp_path, capsys, monkeypatch, content, message):
