@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -82,15 +83,8 @@ def imitate_pool_grad_bug():
             return _BrokenPoolGradient.apply(x, real, kernel_size, stride, padding, count_include_pad)
         return real(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
-    saved = dict(ops._POOL_GRAD_WRONG)
-    ops._POOL_GRAD_WRONG.clear()
-    F.avg_pool2d = avg_pool2d
-    try:
+    with mock.patch.object(F, "avg_pool2d", avg_pool2d), mock.patch.dict(ops._POOL_GRAD_WRONG, clear=True):
         yield
-    finally:
-        F.avg_pool2d = real
-        ops._POOL_GRAD_WRONG.clear()
-        ops._POOL_GRAD_WRONG.update(saved)
 
 
 def main(argv=None) -> int:

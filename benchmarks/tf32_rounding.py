@@ -18,13 +18,12 @@ import argparse
 import contextlib
 import json
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from entrannas import bench
-from entrannas.bilevel import BilevelOptimizer
-from entrannas.supernet import SearchNetwork, SupernetSpec
 from entrannas.zoo import load_genotype
 
 
@@ -61,11 +60,10 @@ def tf32_convolutions(model: torch.nn.Module):
 
     hooks = [model.register_forward_pre_hook(lambda module, args: inside.__setitem__(0, True)),
              model.register_forward_hook(lambda module, args, out: inside.__setitem__(0, False))]
-    F.conv2d = conv2d
     try:
-        yield
+        with mock.patch.object(F, "conv2d", conv2d):
+            yield
     finally:
-        F.conv2d = plain
         for hook in hooks:
             hook.remove()
 
@@ -76,18 +74,9 @@ def measure(mode: str, arch: str | None, batch_size: int, layers: int, channels:
     the fast side computed with TF32-rounded convolutions (or plainly, ``rounding=False``)."""
     args = bench.parser().parse_args(["--batch-size", str(batch_size), "--layers", str(layers),
                                       "--channels", str(channels), "--image-size", str(image_size)])
-    config = bench.parse_label(mode, args)
-    torch.manual_seed(0)
-    model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar"))
-    opt = BilevelOptimizer(model, config)
+    model, opt, batch = bench.search_setup(bench.parse_label(mode, args), args, torch.device("cpu"))
     if arch:
         model.set_architecture(load_genotype(arch))
-    gen = torch.Generator().manual_seed(0)
-
-    def batch():
-        return (torch.randn(batch_size, 3, image_size, image_size, generator=gen),
-                torch.randint(0, 10, (batch_size,), generator=gen))
-
     for _ in range(warmup):
         opt.step(batch(), batch(), update_arch=False)
     with tf32_convolutions(model) if rounding else contextlib.nullcontext():

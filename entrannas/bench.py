@@ -334,18 +334,27 @@ def count_ops(step, top: int = 12) -> dict:
                     for name, n in counter.calls.most_common(top)]}
 
 
-def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
+def search_setup(config: SearchConfig, args: argparse.Namespace, device: torch.device):
+    """The bench's super-net (seed 0, compiled as ``config`` says), its optimizer, and a function that
+    makes the next random CIFAR-shaped batch (``args.batch_size``, ``args.image_size``; seed 0)."""
     torch.manual_seed(0)
     model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
     model.compile_structures(config.compile, config.compile_backend, config.compile_after, config.compile_cache)
-    opt = BilevelOptimizer(model, config)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),
+                torch.randint(0, 10, (args.batch_size,), generator=gen).to(device))
+
+    return model, BilevelOptimizer(model, config), batch
+
+
+def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
+    model, opt, batch = search_setup(config, args, device)
     arch = arch_of(args.arch, config.mode)
     if args.frozen_arch or arch:
         for group in opt.a_optimizer.param_groups:
             group["lr"] = 0.0
-    gen = torch.Generator().manual_seed(0)
-    batch = lambda: (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),  # noqa: E731
-                     torch.randint(0, 10, (args.batch_size,), generator=gen).to(device))
     batches = [(batch(), batch()) for _ in range(4)]
     full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
     weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
