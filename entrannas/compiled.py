@@ -236,10 +236,12 @@ class CapturedStructures(HotStructures):
 
     def kind(self, args) -> tuple:
         # A graph computes gradients for the parameters that required them when it was recorded
-        # (the arch step freezes the weights), so that is part of the kind too.
+        # (the arch step freezes the weights), and its batch norms normalise as they did then (by
+        # the batch in training mode, by the running statistics in evaluation mode): both are part
+        # of the kind too.
         if self._params is None:
             self._params = list(self.net.parameters())
-        return super().kind(args) + (tuple(p.requires_grad for p in self._params),)
+        return super().kind(args) + (tuple(p.requires_grad for p in self._params), self.net.training)
 
     def _fast(self, structure, kind: tuple, args) -> Optional[Callable]:
         passes = self._graphs.get(structure.key)

@@ -299,6 +299,23 @@ def test_capture_records_each_kind_of_pass_and_frozen_weights_are_another_kind()
     assert recorded == ["a", "a", "a"] and runner.stats["compiles"] == 1 and runner.stats["captures"] == 3
 
 
+def test_training_and_evaluation_mode_are_recorded_apart():
+    """A recorded pass keeps the batch norms' mode of its recording: a pass without gradients in
+    training mode (batch statistics) must not replay one recorded in evaluation mode."""
+    net = nn.Sequential(nn.BatchNorm1d(1))
+    runner, recorded = recording_runner(after=1, capacity=4, net=net)
+    (a,) = _structures("a")
+    x = torch.zeros(1)
+    with torch.no_grad():
+        net.eval()
+        assert runner(a, x) == "graph a"
+        net.train()
+        assert runner(a, x) == "graph a"
+    net.eval()
+    assert runner(a, x) == "graph a"
+    assert recorded == ["a", "a", "a"] and runner.stats["captures"] == 3
+
+
 def test_moving_the_net_forgets_its_recordings():
     net = tiny_net(seed=0, mode="entrannas")
     runner, recorded = recording_runner(after=1, net=net)
