@@ -408,8 +408,8 @@ class ReplayedPass:
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
 def test_recorded_passes_give_the_eager_search_even_where_their_buffers_alias_the_gradients(grad_clip, monkeypatch):
     """``capture_cuda_graphs`` on the CPU, with ``ReplayedPass`` for make_graphed_callables (CUDA only):
-    it gets the pass and leaf copies of its inputs, and bi-level steps through the recorded passes
-    follow the eager ones although the weights' ``.grad`` are the recording's buffers, overwritten
+    it gets the pass and leaf copies of its inputs, and bi-level steps through the recorded passes (two
+    structures) follow the eager ones although the weights' ``.grad`` are the recording's buffers, overwritten
     at each weight step's backward: every weight step starts from ``.grad = None``, and nothing
     reads a gradient after the next backward of its pass."""
     import entrannas.compiled as compiled
@@ -424,16 +424,20 @@ def test_recorded_passes_give_the_eager_search_even_where_their_buffers_alias_th
     eager, fast = tiny_net(seed=0, mode="dst"), tiny_net(seed=0, mode="dst")
     fast.compiled = CapturedStructures(fast.run_structure, fast, after=1, capture=compiled.capture_cuda_graphs)
     opts = [BilevelOptimizer(net, tiny_config(mode="dst", grad_clip=grad_clip)) for net in (eager, fast)]
-    for step in range(4):
+    for step in range(6):
+        if step == 3:   # a new structure for the Transit-cell (cell 2, a reduction cell): max_pool on edge 0
+            for net in (eager, fast):
+                with torch.no_grad():
+                    net.alpha_reduce[0, net.primitives.index("max_pool_3x3")] += 3.0
         for opt in opts:   # CPU batches on a GPU test run too: the nets stay on the CPU
             opt.step(tiny_batch(step), tiny_batch(100 + step), update_arch=True)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    # the arch pass (weights frozen: only alpha and beta require grad) and the weight pass
-    assert [(r.wanted[:3], set(r.wanted[3:])) for r in recordings] == [
+    # per structure, the arch pass (weights frozen: only alpha and beta require grad) and the weight pass
+    assert [(r.wanted[:3], set(r.wanted[3:])) for r in recordings] == 2 * [
         ([False, True, True], {False, True}), ([False, False, False], {True})]
-    assert fast.compiled.stats["compiled_calls"] == 8
-    weight_pass = recordings[1]
+    assert fast.compiled.stats["compiled_calls"] == 12
+    weight_pass = recordings[3]
     buffers = {g.untyped_storage().data_ptr() for g in weight_pass.grads if g is not None}
     aliased = [p for p in fast.parameters() if p.grad is not None and p.grad.untyped_storage().data_ptr() in buffers]
     assert len(aliased) == len(buffers) > 0
