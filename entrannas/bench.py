@@ -52,6 +52,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -334,7 +335,8 @@ def count_ops(step, top: int = 12) -> dict:
                     for name, n in counter.calls.most_common(top)]}
 
 
-def search_setup(config: SearchConfig, args: argparse.Namespace, device: torch.device):
+def search_setup(config: SearchConfig, args: argparse.Namespace, device: torch.device
+                 ) -> tuple[SearchNetwork, BilevelOptimizer, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
     """The bench's super-net (seed 0, compiled as ``config`` says), its optimizer, and a function that
     makes the next random CIFAR-shaped batch (``args.batch_size``, ``args.image_size``; seed 0)."""
     torch.manual_seed(0)

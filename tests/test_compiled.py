@@ -55,6 +55,14 @@ def grads(net):
     return [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
 
 
+@torch.no_grad()
+def switch_transit_structure(*nets):
+    """A new derived structure for the tiny nets' Transit-cell (cell 2, a reduction cell): max_pool
+    on edge 0."""
+    for net in nets:
+        net.alpha_reduce[0, net.primitives.index("max_pool_3x3")] += 3.0
+
+
 def assert_grads_close(fast, eager, rtol, atol):
     """Each gradient within ``rtol`` of the eager one, plus ``atol`` times the largest eager gradient:
     gradients span orders of magnitude, and some are 0 up to rounding (a weight that the batch norm
@@ -132,10 +140,8 @@ def test_compiled_search_follows_the_eager_trajectory(transit):
     opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", arch_lr=1e-6, transit=transit))
             for net in (eager, fast)]
     for step in range(5):
-        if step == 3:   # a new structure for the Transit-cell (cell 2, a reduction cell): max_pool on edge 0
-            for net in (eager, fast):
-                with torch.no_grad():
-                    net.alpha_reduce[0, net.primitives.index("max_pool_3x3")] += 3.0
+        if step == 3:
+            switch_transit_structure(eager, fast)
         for opt in opts:
             opt.step(batch(step), batch(100 + step), update_arch=True)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
@@ -365,6 +371,7 @@ class ReplayedPass:
         self.module, self.inputs, self.params = module, tuple(sample_args), tuple(module.parameters())
         self.surface = self.inputs + self.params
         self.wanted = [t.requires_grad for t in self.surface]   # as recorded
+        self.targets = [t for t, w in zip(self.surface, self.wanted) if w]
         self.output, self.grads, self.last = None, [None] * len(self.surface), None
         replayed = self
 
@@ -383,8 +390,7 @@ class ReplayedPass:
 
             @staticmethod
             def backward(ctx, grad):
-                targets = [t for t, w in zip(replayed.surface, replayed.wanted) if w]
-                found = iter(torch.autograd.grad(replayed.last, targets, grad, allow_unused=True))
+                found = iter(torch.autograd.grad(replayed.last, replayed.targets, grad, allow_unused=True))
                 returned = []
                 for i, w in enumerate(replayed.wanted):
                     g = next(found) if w else None
@@ -403,8 +409,8 @@ class ReplayedPass:
         return self.replay.apply(*args, *self.params)
 
 
-# Clipping rescales the aliased buffers in place; it also hides a doubled gradient (the same
-# direction), so the search runs once without it.
+# Clipping rescales the aliased buffers in place; it can also hide a doubled gradient (the same
+# direction: on one structure it did), so the search runs once without it.
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05])
 def test_recorded_passes_give_the_eager_search_even_where_their_buffers_alias_the_gradients(grad_clip, monkeypatch):
     """``capture_cuda_graphs`` on the CPU, with ``ReplayedPass`` for make_graphed_callables (CUDA only):
@@ -425,10 +431,8 @@ def test_recorded_passes_give_the_eager_search_even_where_their_buffers_alias_th
     fast.compiled = CapturedStructures(fast.run_structure, fast, after=1, capture=compiled.capture_cuda_graphs)
     opts = [BilevelOptimizer(net, tiny_config(mode="dst", grad_clip=grad_clip)) for net in (eager, fast)]
     for step in range(6):
-        if step == 3:   # a new structure for the Transit-cell (cell 2, a reduction cell): max_pool on edge 0
-            for net in (eager, fast):
-                with torch.no_grad():
-                    net.alpha_reduce[0, net.primitives.index("max_pool_3x3")] += 3.0
+        if step == 3:
+            switch_transit_structure(eager, fast)
         for opt in opts:   # CPU batches on a GPU test run too: the nets stay on the CPU
             opt.step(tiny_batch(step), tiny_batch(100 + step), update_arch=True)
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
