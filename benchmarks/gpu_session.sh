@@ -25,8 +25,10 @@
 #   search    a 3-epoch search through the CLI with recorded CUDA graphs (SEARCH_COMPILE) in
 #             channels_last (the pools' way around the kernel, in a whole run);
 #   churn     without --frozen-arch: the derived architecture changes while timing (random data: the
-#             arch gradient is noise), so each new structure runs eagerly or is recorded anew, except
-#             with masked Transit-cells (one structure whatever the mask); last, as the least needed.
+#             arch gradient is noise), so each new structure runs eagerly until it is recorded, except
+#             with transit auto, where the masked structure's recording runs meanwhile (session 8: masked
+#             and recorded 0.104 s a step, sparse and eager under churn 0.202 s), with a search's
+#             compile_after (CHURN_AFTER); last, as the least needed.
 # Not in the default STAGES: bench (the initial state, in fp32 with CUDA graphs recorded from the
 # eager kernels, channels_last and op streams: session 8 did not reach it) and inductor (inductor's
 # code generation with CUDA graphs; session 3's 380 s did not finish one configuration).
@@ -40,7 +42,7 @@
 #   DEVICE=cpu SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" BACKEND=aot_eager \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" SEARCH_COMPILE=off PY=.venv/bin/python \
 #   OUT=/tmp/dry CONFIGS="darts entrannas dst+cl entrannas+cudagraphs" INDUCTOR_CONFIGS="dst+graphs" \
-#   CHURN_CONFIGS="entrannas entrannas+masked" ARCH_CONFIGS="darts dst entrannas+cudagraphs" \
+#   CHURN_CONFIGS="entrannas entrannas+auto" ARCH_CONFIGS="darts dst entrannas+cudagraphs" \
 #   DIAGNOSE_CONFIGS="dst dst+cl" OPS_BATCH=8 \
 #   STAGES="ops diagnose bench arch churn tests search inductor" bash benchmarks/gpu_session.sh
 set -u
@@ -61,8 +63,9 @@ ARCH=${ARCH:-DARTS_V2 dst=benchmarks/genotypes/dst-digits.json}
 ARCH_CONFIGS=${ARCH_CONFIGS:-darts entrannas+capture+bf16+cl+streams dst+capture+bf16+cl+streams \
 dst+capture+cl+streams}
 ARCH_LIMIT=${ARCH_LIMIT:-180}
-CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+capture+bf16+cl entrannas+masked+capture+bf16+cl}
+CHURN_CONFIGS=${CHURN_CONFIGS:-entrannas+capture+bf16+cl entrannas+auto+capture+bf16+cl}
 CHURN_LIMIT=${CHURN_LIMIT:-60}
+CHURN_AFTER=${CHURN_AFTER:-3}   # a search's compile_after for capture (the bench's own is 1: build at once)
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-90}
 PROFILE=${PROFILE:-0}
@@ -134,7 +137,8 @@ if wanted search; then
     tar -czf "$OUT/search.tar.gz" --exclude='*.pt' -C /tmp entrannas-search search.log
 fi
 # 4. Less needed: a changing structure's cost, and inductor's code generation.
-wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4" $CHURN_CONFIGS
+wanted churn && bench churn "$CHURN_LIMIT" "--steps 10 --repeats 3 --warmup 4 --set compile_after=$CHURN_AFTER" \
+    $CHURN_CONFIGS
 wanted inductor && bench inductor "$INDUCTOR_LIMIT" "$SETTLED" $INDUCTOR_CONFIGS
 stage done
 grep -h -A16 -e "^=== stage" -e "^config " -e "op shapes" "$OUT"/bench.log 2>/dev/null

@@ -10,8 +10,9 @@ placement, sharing and bottleneck ratio, optionally followed by fast-path varian
 graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
 ``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile or tracing),
 ``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
-search, whatever the derived architecture), ``streams`` (``op_streams: 4``: the ops of a source on
-four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value`` parts that set any
+search, whatever the derived architecture), ``auto`` (with ``capture`` or a compile variant: the
+masked structure's built pass until the derived one is built), ``streams`` (``op_streams: 4``: the
+ops of a source on four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value`` parts that set any
 search setting for that configuration, e.g. ``entrannas+placement=all+bottleneck_ratio=1``
 (``--set key=value`` sets one for every configuration; the label's win). Prints one JSON document
 (every measured figure; also written to ``--out`` after each configuration) and a short table.
@@ -84,6 +85,7 @@ VARIANTS = {
     "autotune": {"compile": "max-autotune"},
     "capture": {"compile": CAPTURE},
     "masked": {"transit": "masked"},
+    "auto": {"transit": "auto"},
     "streams": {"op_streams": 4},
 }
 
@@ -597,8 +599,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
                      f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f} "
                      f"{r['structures_while_timing']:>10}")
-    lines.append("(structures: derived architectures seen while timing; with compile each new one is compiled "
-                 "when first seen, so use --frozen-arch for a settled search)")
+    lines.append("(structures: derived architectures seen while timing; with compile each new one is built when "
+                 "first seen, as the bench's compile_after is 1 unless --set: use --frozen-arch for a settled search)")
     settled = {r["config"]: r["arch"] for r in rows if r.get("arch")}
     if settled:
         where = ", ".join(f"{config} at {arch}" for config, arch in settled.items())

@@ -7,7 +7,8 @@ step, and building for each one would cost more than it saves; once the search s
 rarely (an EnTranNAS search measured on digits had not settled after 40 epochs: BENCHMARKS.md; a
 super-net with masked Transit-cells has one structure throughout). So a structure runs eagerly
 until it has been used ``after`` times in a row for one kind of pass, and is built then
-(``HotStructures``). Two ways to build:
+(``HotStructures``); with ``transit: auto`` the masked structure's built pass runs instead of the
+eager one meanwhile (a ``fallback``). Two ways to build:
 
 - ``CompiledStructures``: ``torch.compile`` (dynamo, AOTAutograd, a backend). Costly to build (tens
   of seconds per structure on a GPU), so at most ``capacity`` structures are built and later ones
@@ -70,8 +71,9 @@ def default_after(mode: str) -> int:
 class HotStructures:
     """Call ``fn(structure.plans, *args)``, through a built fast pass once the structure is hot.
 
-    ``stats`` counts ``compiled_calls`` (fast passes), ``eager_calls`` and ``compiles`` (structures
-    built; each is built once per kind of pass)."""
+    ``stats`` counts ``compiled_calls`` (fast passes), ``eager_calls``, ``fallback_calls`` (passes
+    handed to a caller's ``fallback``) and ``compiles`` (structures built; each is built once per
+    kind of pass)."""
 
     def __init__(self, fn: Callable, after: int, capacity: int):
         if after < 1 or capacity < 1:
@@ -86,10 +88,15 @@ class HotStructures:
         return (tuple(x.shape), x.dtype, x.device, torch.is_grad_enabled(),
                 tuple(w.requires_grad for w in weights), torch.is_autocast_enabled(x.device.type))
 
-    def __call__(self, structure, *args) -> torch.Tensor:
+    def __call__(self, structure, *args, fallback: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+        """The pass for ``structure``: its fast pass where built, else ``fallback()`` if given (it must
+        compute the same), else the eager pass. The use counts towards the structure's streak either way."""
         kind = self.kind(args)
         fast = self._fast(structure, kind, args)
         if fast is None:
+            if fallback is not None:
+                self.stats["fallback_calls"] += 1
+                return fallback()
             self.stats["eager_calls"] += 1
             return self.fn(structure.plans, *args)
         self.stats["compiled_calls"] += 1

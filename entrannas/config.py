@@ -25,7 +25,7 @@ MODES = ("darts", "entrannas", "dst")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
-TRANSITS = ("sparse", "masked")
+TRANSITS = ("sparse", "masked", "auto")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -182,7 +182,8 @@ class SearchConfig(FlatConfig):
     precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
     channels_last: bool = False         # NHWC memory format for the model and its inputs
     transit: str = "sparse"             # sparse: a Transit-cell runs its derived ops only; masked: every op,
-    #                                     weighted by the 0/1 derived mask (one structure: see supernet)
+    #                                     weighted by the 0/1 derived mask (one structure: see supernet);
+    #                                     auto (with compile): masked until a derived structure is built
     compile: str = "off"                # off | capture (CUDA graphs, no torch.compile) | default |
     #                                     reduce-overhead (CUDA graphs) | max-autotune | ... (torch.compile modes)
     compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code

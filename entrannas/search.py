@@ -90,7 +90,8 @@ class Search(EpochJob):
         record["structures"] = len(structures)
         if compiled is not None:
             stats = model.compiled.stats
-            record["compile"] = {k: stats[k] - compiled[k] for k in ("compiles", "compiled_calls", "eager_calls")}
+            record["compile"] = {k: stats[k] - compiled[k]
+                                 for k in ("compiles", "compiled_calls", "eager_calls", "fallback_calls")}
         else:
             record["compile"] = None
         self.epoch += 1

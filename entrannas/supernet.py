@@ -15,7 +15,9 @@ With ``op_streams`` above 1 the ops of a source run on several CUDA streams at o
 
 With ``transit="masked"`` a Transit-cell instead runs every candidate op and weights them by the
 derived 0/1 mask, computed on the device: the same arithmetic, more of it, but one structure for a
-whole search however often the derived architecture changes (``masked_structure``).
+whole search however often the derived architecture changes (``masked_structure``). With
+``transit="auto"`` and a compiled net, a pass runs the derived structure once it is built, and the
+masked structure (built once for the whole search) while it is not: the fast path either way.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class SupernetSpec:
     stem: str = "cifar"      # cifar: one 3x3 conv; imagenet: three stride-2 convs (224 -> 28)
     beta_init: float = 0.0
     channels_last: bool = False
-    transit: str = "sparse"  # sparse: run the derived ops only; masked: run every op, weighted by the 0/1 mask
+    transit: str = "sparse"  # sparse: run the derived ops only; masked: run every op, weighted by the 0/1
+    #                          mask; auto: masked while the derived structure is not built (compiled)
     op_streams: int = 1      # CUDA streams the candidate ops of one source are spread over (OpStreams)
 
     @classmethod
@@ -392,7 +395,8 @@ class SearchNetwork(nn.Module):
         self.derivations = 0          # how many times the structure was derived (each a device sync)
         self.last_structure: Optional[Structure] = None   # what the last forward ran
         self._masked: Optional[Structure] = None          # masked Transit-cells: the one structure
-        self._last_device_masks: Optional[torch.Tensor] = None   # masked: [2, E, K] of the last forward
+        # [2, E, K] where the last forward ran the masked structure (masked, auto), else None
+        self._last_device_masks: Optional[torch.Tensor] = None
         # masked: derived masks -> the parameters to skip (LRU, PLAN_CACHE entries)
         self._unused: OrderedDict[bytes, list[nn.Parameter]] = OrderedDict()
         self._host_key: Optional[bytes] = None            # masked: the last mask read on the host
@@ -551,17 +555,23 @@ class SearchNetwork(nn.Module):
         return self._masked
 
     def drop_unused_gradients(self) -> None:
-        """``transit: masked``: set to None the gradients of the ops (and bottleneck convs) that the
-        last pass's derived set leaves out. The sparse path never runs them, so they get no gradient
+        """After a pass through the masked structure (``transit: masked``, or ``auto`` before the
+        derived structure is built): set to None the gradients of the ops (and bottleneck convs) that
+        the pass's derived set leaves out. The sparse path never runs them, so they get no gradient
         and SGD's momentum and weight decay leave them alone; the masked path gives them exact zeros,
-        which SGD would not skip. Reads the mask on the host: the step's one device sync."""
-        if self.spec.transit != "masked" or self._last_device_masks is None:
+        which SGD would not skip. ``masked`` reads the mask on the host here (the step's one device
+        sync); ``auto`` derived it on the host before the pass."""
+        if self._last_device_masks is None:   # the last pass ran the derived ops only
             return
-        masks = self._last_device_masks.cpu()
-        self.derivations += 1
-        self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
+        if self.spec.transit == "masked":
+            masks = self._last_device_masks.cpu()
+            self.derivations += 1
+            self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
+            key = self._host_key
+        else:
+            masks, key = self.last_structure.masks, self.last_structure.key
         cpu = torch.device("cpu")   # what the sparse path would leave out, listed once per architecture
-        unused = _cached(self._unused, self._host_key, lambda: [
+        unused = _cached(self._unused, key, lambda: [
             p for cell in self.cells for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))])
         for p in unused:
             p.grad = None
@@ -591,14 +601,27 @@ class SearchNetwork(nn.Module):
         if self.op_streams is not None:
             self.op_streams.prepare(x.device)
         weights = self.arch_weights(detach=not arch_grad)
+        self._last_device_masks = None
         if self.spec.transit == "masked":
-            structure = self.masked_structure(x.device)
-            self._last_device_masks = self.device_masks(weights)
-            args = (x, *weights, self._last_device_masks)
-        else:
-            structure = self.structure(weights, x.device)
-            args = (x, *weights)
-        self.last_structure = structure
+            self.last_structure = self.masked_structure(x.device)
+            return self._run(self.last_structure, x, *weights, self._masks_now(weights))
+        self.last_structure = self.structure(weights, x.device)
+        if self.spec.transit == "auto" and self.compiled is not None:
+            # The derived structure's fast pass where it is built; until then (early in a search a
+            # structure lasts a few steps) the masked structure's, which is built once for the search.
+            def masked() -> torch.Tensor:
+                return self._run(self.masked_structure(x.device), x, *weights, self._masks_now(weights))
+
+            return self.compiled(self.last_structure, x, *weights, fallback=masked)
+        return self._run(self.last_structure, x, *weights)
+
+    def _masks_now(self, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The derived masks on the device for a pass through the masked structure, kept for
+        ``drop_unused_gradients``."""
+        self._last_device_masks = self.device_masks(weights)
+        return self._last_device_masks
+
+    def _run(self, structure: Structure, *args) -> torch.Tensor:
         if self.compiled is not None:
             return self.compiled(structure, *args)
         return self.run_structure(structure.plans, *args)

@@ -43,7 +43,7 @@ BAD = [
     (["--set", "compile=reduce-overhead", "--set", "compile_backend=aot_eager"],
      "compile = 'reduce-overhead': compile_backend 'aot_eager' takes only compile: default"),
     (["--set", "compile_after=0"], "compile_after = 0: must be an integer >= 1"),
-    (["--set", "transit=dense"], "transit = 'dense': allowed: sparse, masked"),
+    (["--set", "transit=dense"], "transit = 'dense': allowed: sparse, masked, auto"),
 ]
 
 
@@ -95,7 +95,7 @@ def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
     path.write_text("compile: off\nfeature_sharing: false\n")
     assert load_config(path).compile == "off" and load_config(path).feature_sharing is False
     assert load_config(None, ["compile=off", "transit=masked"]).compile == "off"
-    with pytest.raises(ConfigError, match="transit = 'yes': allowed: sparse, masked"):
+    with pytest.raises(ConfigError, match="transit = 'yes': allowed: sparse, masked, auto"):
         load_config(None, ["transit=yes"])
     with pytest.raises(ConfigError, match="feature_sharing = 'on': must be true or false"):
         load_config(None, ["feature_sharing=on"])

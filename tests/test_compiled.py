@@ -25,7 +25,7 @@ from entrannas.compiled import CAPTURE_AFTER, DEFAULT_AFTER, CapturedStructures,
 from entrannas.config import ConfigError, check_device_support
 from entrannas.supernet import Structure
 
-from conftest import cotangent_loss, tiny_batch, tiny_config, tiny_net
+from conftest import cotangent_loss, record_as_is, tiny_batch, tiny_config, tiny_net
 
 DEVICE = torch.device(os.environ.get("ENTRANNAS_TEST_DEVICE", "cpu"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -131,11 +131,12 @@ def test_compiled_bf16_passes_match_eager_bf16():
     assert fast.compiled.stats["eager_calls"] == 0
 
 
-@pytest.mark.parametrize("transit", ["sparse", "masked"])
+@pytest.mark.parametrize("transit", ["sparse", "masked", "auto"])
 def test_compiled_search_follows_the_eager_trajectory(transit):
     """Several bi-level steps, a derived structure that changes once (by hand), eager and compiled
     calls mixed by the hotness rule: the weights and alpha end where the eager run's end. Masked
-    Transit-cells run one structure throughout, so it is built once."""
+    Transit-cells run one structure throughout, so it is built once. ``auto`` runs the masked
+    structure while the derived one is not yet built (the eager net, not compiled, runs sparse)."""
     eager, fast = pair("entrannas", after=2, transit=transit)
     opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", arch_lr=1e-6, transit=transit))
             for net in (eager, fast)]
@@ -147,10 +148,12 @@ def test_compiled_search_follows_the_eager_trajectory(transit):
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, **TOL, msg=name)
     stats = fast.compiled.stats
-    assert stats["compiles"] == (2 if transit == "sparse" else 1)
+    assert stats["compiles"] == {"sparse": 2, "masked": 1, "auto": 3}[transit]
     assert stats["compiled_calls"] > 0 and stats["eager_calls"] > 0
-    if transit == "masked":   # the first use of each kind of pass (after=2), then compiled throughout
+    if transit != "sparse":   # the masked structure's first use per kind of pass (after=2), then built
         assert stats["eager_calls"] == 2
+    if transit == "auto":     # per kind of pass: the first structure's first step, the second's
+        assert stats["fallback_calls"] == 4
 
 
 def test_a_structure_is_compiled_once_it_has_run_after_times_in_a_row():
@@ -288,6 +291,42 @@ def test_capture_records_a_hot_structure_and_keeps_the_most_recently_used():
     assert recorded == ["a", "b", "c", "b"]
     assert runner.stats == {"compiles": 4, "captures": 4, "evictions": 2, "compiled_calls": 7, "eager_calls": 4}
     assert runner(c, x) == "eager c"
+
+
+def test_a_fallback_runs_instead_of_the_eager_pass_until_the_structure_is_built():
+    """``transit: auto``'s rule: a use through the fallback counts towards the structure's streak."""
+    runner, recorded = recording_runner(after=2, capacity=4)
+    a, b = _structures("ab")
+    x = torch.zeros(1)
+    seen = [runner(s, x, fallback=lambda: "masked") for s in (a, a, a, b, a, b, b)]
+    assert seen == ["masked", "graph a", "graph a", "masked", "graph a", "graph b", "graph b"]
+    assert recorded == ["a", "b"]
+    assert runner.stats["fallback_calls"] == 2 and runner.stats["eager_calls"] == 0
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_auto_transit_follows_the_sparse_search_while_the_structure_churns(mode):
+    """``transit: auto`` with built passes (a stand-in recorder, float64, on the CPU): a search whose
+    derived architecture changes at most steps runs the masked structure at most passes and ends
+    where the sparse search ends. So the ops a masked pass runs outside the derived set get no
+    gradient (SGD's momentum and weight decay leave them alone), and no pass reads the device
+    beyond the one derivation per step."""
+    sparse, auto = tiny_net(seed=0, mode=mode).double(), tiny_net(seed=0, mode=mode, transit="auto").double()
+    auto.compiled = CapturedStructures(auto.run_structure, auto, after=2, capture=record_as_is)
+    opts = [BilevelOptimizer(net, tiny_config(mode=mode, arch_lr=0.05, transit=net.spec.transit))
+            for net in (sparse, auto)]
+    derived = set()
+    for step in range(8):
+        for opt in opts:
+            opt.step(tiny_batch(step, dtype=torch.float64), tiny_batch(100 + step, dtype=torch.float64),
+                     update_arch=True)
+        assert auto.last_structure.key == sparse.last_structure.key
+        derived.add(sparse.last_structure.key)
+    for (name, a), b in zip(auto.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert auto.derivations == sparse.derivations
+    assert len(derived) >= 4 and auto.compiled.stats["fallback_calls"] >= 6
+    assert auto.compiled.stats["compiled_calls"] > auto.compiled.stats["eager_calls"]
 
 
 def test_capture_records_each_kind_of_pass_and_frozen_weights_are_another_kind():

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from entrannas.compiled import CapturedStructures
 from entrannas.search import Search
 
-from conftest import tiny_config
+from conftest import record_as_is, tiny_config
 
 VOLATILE = ("seconds", "peak_memory_mb", "derivations", "compile")   # facts of the process, not the search
 
@@ -88,12 +89,19 @@ def test_an_epoch_derives_the_structure_once_per_step_and_never_in_warm_up():
 
 def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
     """The record's ``structures``: one per derived architecture the weight steps ran, the same for
-    sparse and masked Transit-cells (which read the mask on the host once per step instead)."""
+    sparse and masked Transit-cells (which read the mask on the host once per step instead), and
+    for ``auto`` with built passes (a stand-in recorder on the CPU), whose record says how many
+    passes went through the masked structure."""
     records = []
-    for transit in ("sparse", "masked"):
+    for transit in ("sparse", "masked", "auto"):
         search = Search(small(mode="entrannas", arch_warmup_epochs=0, arch_lr=0.05, transit=transit))
+        if transit == "auto":
+            model = search.model
+            model.compiled = CapturedStructures(model.run_structure, model, after=2, capture=record_as_is)
         seen = []
         record = search.run_epoch(on_step=lambda i, n, s=search, into=seen: into.append(s.model.derived_key))
         assert record["structures"] == len(set(seen)) > 1 and None not in seen
         records.append((record["structures"], seen))
-    assert records[0] == records[1]
+    assert records[0] == records[1] == records[2]
+    built = record["compile"]
+    assert built["fallback_calls"] > 0 and built["compiles"] >= 1
