@@ -12,9 +12,10 @@ graphs without inductor's code generation: far quicker to build), ``autotune`` (
 ``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
 search, whatever the derived architecture), ``auto`` (with ``capture`` or a compile variant: the
 masked structure's built pass until the derived one is built), ``streams`` (``op_streams: 4``: the
-ops of a source on four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value`` parts that set any
-search setting for that configuration, e.g. ``entrannas+placement=all+bottleneck_ratio=1``
-(``--set key=value`` sets one for every configuration; the label's win). Prints one JSON document
+ops of a source on four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value``
+parts that set any search setting for that configuration, e.g.
+``entrannas+placement=all+bottleneck_ratio=1`` (``--set key=value`` sets one for every
+configuration; the label's win). Prints one JSON document
 (every measured figure; also written to ``--out`` after each configuration) and a short table.
 Ratios are only meaningful within one run.
 

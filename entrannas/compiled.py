@@ -159,7 +159,8 @@ class CompiledStructures(HotStructures):
         if not self._warned:
             self._warned = True
             warnings.warn(f"{self.capacity} derived structures are compiled already (compile_cache); "
-                          "new ones run eagerly. Raise compile_cache or compile_after.", stacklevel=4)
+                          "new ones are not compiled (they run eagerly, or with transit auto through the masked "
+                          "structure's pass). Raise compile_cache or compile_after.", stacklevel=4)
         return False
 
     def _run(self, plans, *args) -> torch.Tensor:

@@ -202,6 +202,11 @@ class OpStreams:
         return out
 
 
+def architecture_key(masks) -> bytes:
+    """The derived architecture (host masks, normal and reduction) as bytes: a ``Structure``'s key."""
+    return masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
+
+
 @dataclass(frozen=True)
 class Structure:
     """One derived architecture of the whole net: the masks, each cell's plan, and a hashable key."""
@@ -539,7 +544,7 @@ class SearchNetwork(nn.Module):
         masks = self.derived_masks(weights)
         self.derivations += 1
         plans = tuple(self._sparse_plan(cell, masks, device) for cell in self.cells)
-        structure = Structure(masks, plans, masks[0].numpy().tobytes() + masks[1].numpy().tobytes())
+        structure = Structure(masks, plans, architecture_key(masks))
         self._structure = (key, structure)
         return structure
 
@@ -566,12 +571,11 @@ class SearchNetwork(nn.Module):
         if self.spec.transit == "masked":
             masks = self._last_device_masks.cpu()
             self.derivations += 1
-            self._host_key = masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
-            key = self._host_key
+            self._host_key = architecture_key(masks)
         else:
-            masks, key = self.last_structure.masks, self.last_structure.key
+            masks = self.last_structure.masks
         cpu = torch.device("cpu")   # what the sparse path would leave out, listed once per architecture
-        unused = _cached(self._unused, key, lambda: [
+        unused = _cached(self._unused, architecture_key(masks), lambda: [
             p for cell in self.cells for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))])
         for p in unused:
             p.grad = None
