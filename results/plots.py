@@ -24,8 +24,14 @@ def setting_column(df: pd.DataFrame, key: str) -> str:
 
 
 def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """``df`` with the setting ``key`` as its own column, ``MISSING`` where a row has no value. The
+    epochs frame has no column for a setting whose only trials never finished an epoch (a search that
+    diverged in its first one)."""
     col = setting_column(df, key)
     out = df.copy()
+    if col not in out.columns:
+        out[key] = MISSING
+        return out
     out[key] = out[col].map(lambda v: MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else v)
     if key != col:
         out = out.drop(columns=[col])

@@ -145,8 +145,12 @@ def test_compiled_search_follows_the_eager_trajectory(transit):
             switch_transit_structure(eager, fast)
         for opt in opts:
             opt.step(batch(step), batch(100 + step), update_arch=True)
+    # auto's masked passes add the derived ops in another order than the eager net's sparse ones, and
+    # 0-weighted terms besides: in fp32 the two trajectories part by rounding (1.1e-6 with torch 2.14.1,
+    # 1.3e-6 with 2.5.1 after these 5 steps); the float64 test below finds them equal to 1e-9.
+    tol = dict(TOL, atol=max(TOL["atol"], 1e-5)) if transit == "auto" else TOL
     for (name, a), b in zip(fast.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(a, b, **TOL, msg=name)
+        torch.testing.assert_close(a, b, **tol, msg=name)
     stats = fast.compiled.stats
     assert stats["compiles"] == {"sparse": 2, "masked": 1, "auto": 3}[transit]
     assert stats["compiled_calls"] > 0 and stats["eager_calls"] > 0
