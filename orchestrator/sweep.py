@@ -47,7 +47,9 @@ def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) 
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=address, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    # "local": a new Ray of our own. With no address, ray.init would join the last cluster that
+    # `ray start` (or a test's ray.cluster_utils) started on this machine, and wait on it if it is dead.
+    ray.init(address=address or "local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
              logging_level="WARNING", log_to_driver=False, configure_logging=True)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     check_resources_fit(spec, nodes)
