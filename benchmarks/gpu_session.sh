@@ -109,8 +109,8 @@ wanted diagnose && bench diagnose "$DIAGNOSE_LIMIT" \
 wanted arch && bench arch "$ARCH_LIMIT" "$SETTLED --arch $ARCH" $ARCH_CONFIGS
 wanted bench && bench bench "$BENCH_LIMIT" "$SETTLED" $CONFIGS
 
-# 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS (31 tests with capture;
-#    a line each, so a run cut at its limit still names the ones that passed).
+# 2. The compiled super-net equals the eager one on the GPU, per setting in TEST_RUNS (a line per test, so a
+#    run cut at its limit still names the ones that passed).
 if wanted tests; then
     for run in $TEST_RUNS; do
         stage "tests $run"

@@ -571,11 +571,11 @@ class SearchNetwork(nn.Module):
         if self.spec.transit == "masked":
             masks = self._last_device_masks.cpu()
             self.derivations += 1
-            self._host_key = architecture_key(masks)
+            key = self._host_key = architecture_key(masks)
         else:
-            masks = self.last_structure.masks
+            masks, key = self.last_structure.masks, self.last_structure.key
         cpu = torch.device("cpu")   # what the sparse path would leave out, listed once per architecture
-        unused = _cached(self._unused, architecture_key(masks), lambda: [
+        unused = _cached(self._unused, key, lambda: [
             p for cell in self.cells for p in cell.unused_parameters(self._sparse_plan(cell, masks, cpu))])
         for p in unused:
             p.grad = None

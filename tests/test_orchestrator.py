@@ -214,7 +214,6 @@ def test_joining_a_ray_start_cluster_on_loopback(tmp_path):
         kill_processes_mentioning(temp_dir)
 
 
-
 def test_without_an_address_a_sweep_starts_its_own_ray_beside_a_running_cluster():
     """Ray's own default joins the last cluster started on this machine (and waits on it when it has
     died: a sweep hung so here). Without --address the README promises a local Ray of its own."""
@@ -229,6 +228,7 @@ def test_without_an_address_a_sweep_starts_its_own_ray_beside_a_running_cluster(
     finally:
         ray.shutdown()
         cluster.shutdown()
+
 
 def test_killed_driver_then_resume(tmp_path):
     temp_dir = f"/tmp/rk{os.getpid()}"

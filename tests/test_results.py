@@ -85,7 +85,6 @@ def test_figures_carry_their_axis_labels():
     assert plots.learning_curves(epochs, "lambda_").axes[0].get_xlabel() == "search epoch"
 
 
-
 def test_curves_for_a_setting_whose_only_trials_finished_no_epoch():
     """A sweep's only trial at lr=1e30 diverges in its first epoch: the trials frame has its lr, the
     epochs frame no lr column at all. The curves then put every epoch under the missing value."""
@@ -94,6 +93,7 @@ def test_curves_for_a_setting_whose_only_trials_finished_no_epoch():
     for figure in (plots.learning_curves, plots.trajectories):
         labels = figure(epochs, "lr").axes[0].get_legend_handles_labels()[1]
         assert labels == ["-"]
+
 
 def test_cell_diagram_draws_a_node_with_three_inputs():
     genotype = {"normal": [[["sep_conv_3x3", 0]], [["skip_connect", 0], ["max_pool_3x3", 1], ["dil_conv_3x3", 2]]],
