@@ -69,12 +69,12 @@ def metric_vs_setting(trials: pd.DataFrame, key: str, value: str, label: str, sc
     sns.scatterplot(data=df, x=key, y="__y", hue=hue, alpha=0.4, legend=False, ax=ax)
     ax.set_xlabel(key)
     ax.set_ylabel(label)
-    ax.set_title(title or f"{label} vs {key} (mean ± sd over seeds)")
+    ax.set_title(title or f"{label} vs {key} (mean ± sd over trials)")
     return fig
 
 
 def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
-    """Error and search time per value of a (categorical) setting, mean ± sd over seeds."""
+    """Error and search time per value of a (categorical) setting, mean ± sd over its trials."""
     df = _with_key(trials, key)
     df[key] = df[key].astype(str)
     err = error_column(df)
@@ -93,12 +93,12 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     ax_cost.set_xlabel(key)
     ax_cost.set_ylabel("search time (min)")
     ax_cost.set_title(f"search cost per {key}")
-    fig.suptitle(f"{key}: mean ± sd over seeds")
+    fig.suptitle(f"{key}: mean ± sd over trials")
     return fig
 
 
 def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
-    """Super-net validation error per epoch, one line per value of ``key`` (band: sd over seeds)."""
+    """Super-net validation error per epoch, one line per value of ``key`` (band: sd over its trials)."""
     df = _with_key(epochs, key)
     df[key] = df[key].astype(str)
     df["__err"] = _percent(df, "valid_error")

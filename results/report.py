@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import plots
 from .collect import load, swept_settings
-from .tables import display_table, summarize, to_latex, to_markdown
+from .tables import display_table, mixed_unset, summarize, to_latex, to_markdown
 
 
 def _safe(name: str) -> str:
@@ -55,7 +55,8 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
     if not trials.empty:
         counts = trials["status"].value_counts().to_dict()
         sections.append(f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                        + ". Errors are mean ± sd over seeds; `n` counts the trials that have a value.\n")
+                        + ". Each row gives mean ± sd over its trials: the seeds of a configuration, and the values of "
+                        "any swept setting its table does not show. `n` counts the trials that have a value.\n")
         failed = trials[trials["status"].isin(["failed", "diverged"])]
         if len(failed):
             sections.append("Failed or diverged trials:\n\n" + "\n".join(
@@ -63,12 +64,18 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
 
     for by in groupings:
         name = _safe("_".join(by))
-        summary = summarize(trials, by)
+        left_out, mixed = mixed_unset(trials, by)
+        note = (f"\n{int(left_out.sum())} trials that set no {' or '.join(by)} are not in this table: they "
+                f"differ in {', '.join(mixed)}, so a '-' row would mix them.\n" if mixed else "")
+        if left_out.all():
+            sections.append(f"## By {', '.join(by)}\n{note}")
+            continue
+        summary = summarize(trials[~left_out], by)
         summary.to_csv(out / "tables" / f"{name}.csv", index=False)
         table = display_table(summary, by)
         (out / "tables" / f"{name}.md").write_text(to_markdown(table))
         (out / "tables" / f"{name}.tex").write_text(to_latex(table))
-        sections.append(f"## By {', '.join(by)}\n\n{to_markdown(table)}")
+        sections.append(f"## By {', '.join(by)}\n\n{to_markdown(table)}{note}")
 
     figures = []
     if not trials.empty:
@@ -87,7 +94,16 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
 
 
 def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:
+    """The figures of one setting, without the trials its table leaves out (``mixed_unset``)."""
     figs = []
+    left_out = mixed_unset(trials, [key])[0]
+    if left_out.all():
+        return figs
+    if left_out.any():
+        gone = set(zip(trials.loc[left_out, "experiment"], trials.loc[left_out, "trial_id"]))
+        trials = trials[~left_out]
+        if not epochs.empty:
+            epochs = epochs[[pair not in gone for pair in zip(epochs["experiment"], epochs["trial_id"])]]
     column = plots.setting_column(trials, key)
     values = trials[column] if column in trials.columns else pd.Series(dtype=object)
     safe = _safe(key)

@@ -1,4 +1,6 @@
-"""Trial DataFrame -> ablation tables: mean, standard deviation and count over seeds per group.
+"""Trial DataFrame -> ablation tables: mean, standard deviation and count per group of trials
+(the seeds of a configuration, and in a table by fewer settings than were swept, the values of
+the others).
 
 Failed, diverged and unfinished trials stay in the counts (``n_trials``, ``n_failed``,
 ``n_running``); their missing errors are not averaged in, and ``n`` says how many were.
@@ -47,6 +49,29 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence
             row[f"{v}_n"] = len(series)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mixed_unset(trials: pd.DataFrame, by: Sequence[str]) -> tuple[pd.Series, list[str]]:
+    """The trials a table by ``by`` leaves out, as a mask, and the settings that made it.
+
+    A trial that does not set a setting of ``by`` (a darts trial has no ``lambda_``) falls in a '-'
+    row. Where that row would pool trials that differ in a swept setting outside ``by`` (darts and
+    entrannas under ``lambda_`` '-'), it is no configuration of the study, only a mix of several, and
+    its mean and spread would mean nothing: those trials are left out. A '-' row of one configuration
+    (the darts trials alone) stays."""
+    keys = pd.DataFrame({k: trials[_column(trials, k)].map(_key) for k in by}, index=trials.index)
+    unset = keys[(keys == MISSING).any(axis=1)]
+    others = [c for c in trials.columns
+              if (c.startswith("setting:") or c == "mode") and c.removeprefix("setting:") not in (*by, "seed")]
+    left_out = pd.Series(False, index=trials.index)
+    mixed: set[str] = set()
+    for _, group in unset.groupby(list(by), sort=False):
+        differ = {c.removeprefix("setting:") for c in others
+                  if trials.loc[group.index, c].map(_key).astype(str).nunique() > 1}
+        if differ:
+            left_out[group.index] = True
+            mixed |= differ
+    return left_out, sorted(mixed)
 
 
 def _column(trials: pd.DataFrame, key: str) -> str:

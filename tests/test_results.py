@@ -10,10 +10,10 @@ import pytest
 
 from entrannas.cli import main
 from entrannas.zoo import ZOO
-from results import plots
+from results import plots, report
 from results.collect import NotAnExperiment, genotype_summary, load
 from results.report import write_report
-from results.tables import display_table, summarize, to_latex, to_markdown
+from results.tables import display_table, mixed_unset, summarize, to_latex, to_markdown
 
 
 def frame(rows):
@@ -55,6 +55,40 @@ def test_grouping_by_two_keys_and_missing_values():
     assert dst["valid_error_mean"] == pytest.approx(0.2) and dst["n_trials"] == 2
     with pytest.raises(KeyError, match="swept settings are lambda_, mode"):
         summarize(df, ["colour"])
+
+
+def test_a_table_by_a_setting_leaves_out_a_row_that_would_mix_configurations(tmp_path, monkeypatch):
+    """lambda_ is swept for dst only. Under lambda_, darts and entrannas trials share the '-' row, a
+    mix of two modes whose mean means nothing: the table and figures by lambda_ leave them out and
+    say so. A '-' row of one configuration stays, and the table by mode and lambda_ keeps them all."""
+    rows = [{"setting:mode": "dst", "setting:lambda_": lam, "seed": s, "valid_error": 0.1 + lam}
+            for lam in (0.0, 0.5) for s in (0, 1)]
+    rows += [{"setting:mode": mode, "seed": s, "valid_error": err}
+             for mode, err in (("darts", 0.1), ("entrannas", 0.9)) for s in (0, 1)]
+    df = frame(rows)
+    df["trial_id"] = [f"t{i}" for i in range(len(df))]
+    left_out, mixed = mixed_unset(df, ["lambda_"])
+    assert list(left_out) == [False] * 4 + [True] * 4 and mixed == ["mode"]
+    assert not mixed_unset(df, ["mode", "lambda_"])[0].any()
+    darts_only = df[df["setting:mode"] != "entrannas"]
+    assert not mixed_unset(darts_only, ["lambda_"])[0].any(), "darts alone under '-' is one configuration"
+
+    monkeypatch.setattr("results.report.load", lambda paths: (df, pd.DataFrame()))
+    (tmp_path / "e").mkdir()
+    text = write_report([tmp_path / "e"]).read_text()
+    out = tmp_path / "e" / "report"
+    assert list(pd.read_csv(out / "tables" / "lambda.csv")["lambda_"]) == [0.0, 0.5]
+    assert "4 trials that set no lambda_ are not in this table: they differ in mode" in text
+    both = pd.read_csv(out / "tables" / "mode_lambda.csv", keep_default_na=False)
+    assert sorted(zip(both["mode"], both["lambda_"].astype(str))) == [
+        ("darts", "-"), ("dst", "0.0"), ("dst", "0.5"), ("entrannas", "-")]
+    assert set(pd.read_csv(out / "tables" / "mode.csv")["n_trials"]) == {2, 4}
+    cost = plots.error_and_cost(df[~left_out], "lambda_")
+    assert [t.get_text() for t in cost.axes[0].get_xticklabels()] == ["0.0", "0.5"]
+    saved = report._figures_for(df, pd.DataFrame(), "lambda_")
+    ticks = [t.get_text() for name, _, fig in saved if name == "lambda_error_cost"
+             for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["0.0", "0.5"], "the figures leave out what the table does"
 
 
 def test_markdown_and_booktabs_latex():
