@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves
 
 from .bilevel import BilevelOptimizer, full_precision
 from .compiled import CAPTURE
-from .config import MODES, ConfigError, SearchConfig, check_device_support, parse_overrides
+from .config import MODES, ConfigError, SearchConfig, check_device_support, parse_overrides, unknown_setting
 from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .ops import pool_grad_is_wrong
@@ -109,8 +109,8 @@ def bench_settings(pairs: list[str], field: str, value=None) -> dict:
         if key in BENCH_FIXED:
             raise ConfigError(field, value or pair, f"{key} is fixed here: {BENCH_FIXED[key]}")
         if key not in known:
-            allowed = ", ".join(sorted(known - set(BENCH_FIXED)))
-            raise ConfigError(field, value or pair, f"unknown setting {key!r}; allowed: {allowed}")
+            raise ConfigError(field, value or pair,
+                              unknown_setting(key, sorted(known - set(BENCH_FIXED)), f"setting {key!r}"))
         changes.update(parse_overrides([pair]))
     return changes
 

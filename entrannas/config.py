@@ -8,6 +8,7 @@ config is what runs and what is saved beside every result.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import typing
@@ -54,6 +55,15 @@ class ConfigError(ValueError):
         super().__init__(f"{field} = {value!r}: {allowed}")
 
 
+def unknown_setting(key: str, known, what: str = "setting") -> str:
+    """'unknown setting; allowed: ...', with the closest known name first where one is close
+    (a misspelt ``lamda`` or ``lambda`` is asked about ``lambda_``). ``known`` in the order to list."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown {what}; {guess}allowed: {', '.join(known)}"
+
+
 def check_device_support(config: "SearchConfig", device) -> None:
     """Refuse settings that a device is known to compute wrongly, before any data or model exists.
 
@@ -84,7 +94,7 @@ class FlatConfig:
         known = [f.name for f in fields(cls)]
         for key in data:
             if key not in known:
-                raise ConfigError(key, data[key], f"unknown setting; allowed: {', '.join(known)}")
+                raise ConfigError(key, data[key], unknown_setting(key, known))
         return cls(**{key: _coerce(cls, key, value) for key, value in data.items()})
 
     @classmethod

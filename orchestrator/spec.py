@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import yaml
 
-from entrannas.config import ConfigError, EvalConfig, SearchConfig, parse_overrides, read_yaml
+from entrannas.config import ConfigError, EvalConfig, SearchConfig, parse_overrides, read_yaml, unknown_setting
 
 TOP_KEYS = ("name", "base", "sweep", "resources", "max_concurrent", "max_failures", "evaluate")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -111,7 +111,7 @@ def _resources(where: str, value: Any) -> dict:
     out = {"cpu": 1, "gpu": 0}
     for key, amount in value.items():
         if key not in RESOURCE_KEYS:
-            raise _fail(f"{where}.{key}", amount, f"unknown resource; allowed: {', '.join(RESOURCE_KEYS)}")
+            raise _fail(f"{where}.{key}", amount, unknown_setting(key, RESOURCE_KEYS, "resource"))
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise _fail(f"{where}.{key}", amount, "must be a number >= 0")
         if amount > 1 and amount != int(amount):
@@ -132,7 +132,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
         raise _fail("spec", data, "expected a mapping with name, base, sweep, ...")
     for key in data:
         if key not in TOP_KEYS:
-            raise _fail(key, data[key], f"unknown spec key; allowed: {', '.join(TOP_KEYS)}")
+            raise _fail(key, data[key], unknown_setting(key, TOP_KEYS, "spec key"))
     name = data.get("name")
     _check_name("name", name)
     base = data.get("base") or {}
@@ -157,7 +157,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
             set_keys.add(key)
     for key in base:
         if key not in search_keys:
-            raise _fail(f"base.{key}", base[key], f"unknown search setting; allowed: {', '.join(sorted(search_keys))}")
+            raise _fail(f"base.{key}", base[key], unknown_setting(key, sorted(search_keys), "search setting"))
     for b, block in enumerate(blocks):
         where = "sweep" if len(blocks) == 1 else f"sweep[{b}]"
         if not isinstance(block, dict):
@@ -165,8 +165,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
         axes = {}
         for key, values in block.items():
             if key not in search_keys:
-                raise _fail(f"{where}.{key}", values,
-                            f"unknown search setting; allowed: {', '.join(sorted(search_keys))}")
+                raise _fail(f"{where}.{key}", values, unknown_setting(key, sorted(search_keys), "search setting"))
             if key in set_keys:
                 continue   # --set fixes it: the axis collapses
             if not isinstance(values, list):

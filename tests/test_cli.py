@@ -22,6 +22,7 @@ def no_model(monkeypatch):
 
 BAD = [
     (["--set", "colour=red"], "colour = 'red': unknown setting; allowed: mode, dataset"),
+    (["--set", "lamda=0.1"], "lamda = 0.1: unknown setting; did you mean 'lambda_'? allowed: mode, dataset"),
     (["--set", "mode=enas"], "mode = 'enas': allowed: darts, entrannas, dst"),
     (["--set", "placement=middle"], "placement = 'middle': allowed: first, last, all"),
     (["--set", "placement=[0, 9]"], "placement = [0, 9]: cell index 9 is not in 0..4"),

@@ -206,7 +206,7 @@ def test_bench_sets_placement_sharing_and_ratio_per_config_or_for_all(capsys):
 
 @pytest.mark.parametrize("argv,named", [
     (["--configs", "entrannas+bottleneck_ratio=3"], "bottleneck_ratio"),
-    (["--configs", "entrannas+placment=all"], "unknown setting 'placment'"),
+    (["--configs", "entrannas+placment=all"], "unknown setting 'placment'; did you mean 'placement'?"),
     (["--set", "layers=5"], "--layers"),
     (["--set", "epochs=100"], "50-epoch"),
     (["--set", "placement=[0, 9]"], "cell index 9"),

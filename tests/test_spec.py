@@ -45,9 +45,10 @@ def test_every_setting_is_sweepable():
 
 
 BAD = [
-    (spec(colour=1), "colour = 1: unknown spec key"),
+    (spec(colour=1), "colour = 1: unknown spec key; allowed:"),
+    (spec(max_failure=1), "max_failure = 1: unknown spec key; did you mean 'max_failures'?"),
     (spec(base={"colour": "red"}), "base.colour = 'red': unknown search setting"),
-    (spec(sweep={"lamda": [0.1]}), "sweep.lamda = [0.1]: unknown search setting"),
+    (spec(sweep={"lamda": [0.1]}), "sweep.lamda = [0.1]: unknown search setting; did you mean 'lambda_'? allowed:"),
     (spec(sweep={"seed": []}), "sweep.seed = []: empty axis"),
     (spec(sweep={"mode": ["dst", "enas"]}), "mode = 'enas': allowed: darts, entrannas, dst (trial mode=enas)"),
     (spec(sweep={"lambda_": [0.1, -1.0]}), "lambda_ = -1.0: must be >= 0 (trial lambda_=-1.0)"),
@@ -58,7 +59,7 @@ BAD = [
     (spec(max_failures=-1), "max_failures = -1: must be an integer >= 0"),
     (spec(max_concurrent=0), "max_concurrent = 0: must be an integer >= 1"),
     (spec(name="a b"), "name = 'a b'"),
-    (spec(evaluate={"epoch": 3}), "evaluate.epoch = 3: unknown setting"),
+    (spec(evaluate={"epoch": 3}), "evaluate.epoch = 3: unknown setting; did you mean 'epochs'?"),
     (spec(evaluate={"auxiliary": True}), "evaluate.auxiliary = True"),
 ]
 
