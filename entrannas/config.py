@@ -55,13 +55,16 @@ class ConfigError(ValueError):
         super().__init__(f"{field} = {value!r}: {allowed}")
 
 
+def did_you_mean(key, known) -> str:
+    """"did you mean 'lambda_'? " where one of ``known`` is close to a misspelt ``key``, else ''."""
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def unknown_setting(key: str, known, what: str = "setting") -> str:
-    """'unknown setting; allowed: ...', with the closest known name first where one is close
-    (a misspelt ``lamda`` or ``lambda`` is asked about ``lambda_``). ``known`` in the order to list."""
-    known = list(known)
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-    guess = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown {what}; {guess}allowed: {', '.join(known)}"
+    """'unknown setting; allowed: ...', asking first about a close known name (``lamda`` and
+    ``lambda`` about ``lambda_``). ``known`` in the order to list."""
+    return f"unknown {what}; {did_you_mean(key, known)}allowed: {', '.join(known)}"
 
 
 def check_device_support(config: "SearchConfig", device) -> None:

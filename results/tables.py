@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from entrannas.config import did_you_mean
+
 #: value columns summarised, with the label and scale used in Markdown/LaTeX
 VALUES: dict[str, tuple[str, float]] = {
     "valid_error": ("super-net valid error (%)", 100.0),
@@ -80,7 +82,8 @@ def _column(trials: pd.DataFrame, key: str) -> str:
     if key in trials.columns:
         return key
     settings = sorted(c.split(":", 1)[1] for c in trials.columns if c.startswith("setting:"))
-    raise KeyError(f"--group-by {key!r}: not a column; swept settings are {', '.join(settings) or 'none'}")
+    raise KeyError(f"--group-by {key!r}: not a column; {did_you_mean(key, settings)}"
+                   f"swept settings are {', '.join(settings) or 'none'}")
 
 
 def _key(value):

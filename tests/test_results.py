@@ -55,6 +55,8 @@ def test_grouping_by_two_keys_and_missing_values():
     assert dst["valid_error_mean"] == pytest.approx(0.2) and dst["n_trials"] == 2
     with pytest.raises(KeyError, match="swept settings are lambda_, mode"):
         summarize(df, ["colour"])
+    with pytest.raises(KeyError, match="did you mean 'lambda_'. swept settings are lambda_, mode"):
+        summarize(df, ["lamda"])
 
 
 def test_a_table_by_a_setting_leaves_out_a_row_that_would_mix_configurations(tmp_path, monkeypatch):
