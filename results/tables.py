@@ -57,19 +57,29 @@ def mixed_unset(trials: pd.DataFrame, by: Sequence[str]) -> tuple[pd.Series, lis
     """The trials a table by ``by`` leaves out, as a mask, and the settings that made it.
 
     A trial that does not set a setting of ``by`` (a darts trial has no ``lambda_``) falls in a '-'
-    row. Where that row would pool trials that differ in a swept setting outside ``by`` (darts and
-    entrannas under ``lambda_`` '-'), it is no configuration of the study, only a mix of several, and
-    its mean and spread would mean nothing: those trials are left out. A '-' row of one configuration
-    (the darts trials alone) stays."""
+    row. Where that row pools trials that differ in a swept setting which every other row holds
+    fixed (darts and entrannas under ``lambda_`` '-', while each lambda_ row is dst alone), it is no
+    configuration of the study, only a mix of several, and its mean and spread would mean nothing:
+    those trials are left out. A '-' row of one configuration (the darts trials alone) stays, and so
+    does one that varies only in what the other rows vary in too (a marginal like theirs)."""
     keys = pd.DataFrame({k: trials[_column(trials, k)].map(_key) for k in by}, index=trials.index)
-    unset = keys[(keys == MISSING).any(axis=1)]
+    unset = (keys == MISSING).any(axis=1)
     others = [c for c in trials.columns
               if (c.startswith("setting:") or c == "mode") and c.removeprefix("setting:") not in (*by, "seed")]
+
+    def varying(rows: pd.DataFrame) -> set[str]:
+        """The settings of ``others`` that take more than one value within a row of the table."""
+        out = set()
+        for _, group in rows.groupby(list(by), sort=False):
+            out |= {c.removeprefix("setting:") for c in others
+                    if trials.loc[group.index, c].map(_key).astype(str).nunique() > 1}
+        return out
+
     left_out = pd.Series(False, index=trials.index)
     mixed: set[str] = set()
-    for _, group in unset.groupby(list(by), sort=False):
-        differ = {c.removeprefix("setting:") for c in others
-                  if trials.loc[group.index, c].map(_key).astype(str).nunique() > 1}
+    pooled_anyway = varying(keys[~unset])
+    for _, group in keys[unset].groupby(list(by), sort=False):
+        differ = varying(group) - pooled_anyway
         if differ:
             left_out[group.index] = True
             mixed |= differ

@@ -74,6 +74,10 @@ def test_a_table_by_a_setting_leaves_out_a_row_that_would_mix_configurations(tmp
     assert not mixed_unset(df, ["mode", "lambda_"])[0].any()
     darts_only = df[df["setting:mode"] != "entrannas"]
     assert not mixed_unset(darts_only, ["lambda_"])[0].any(), "darts alone under '-' is one configuration"
+    both_modes = frame([{"setting:mode": m, "setting:lambda_": lam, "seed": 0, "valid_error": 0.5}
+                        for m in ("dst", "entrannas") for lam in (0.0, 0.5)] + rows[4:])
+    assert not mixed_unset(both_modes, ["lambda_"])[0].any(), \
+        "where each lambda_ row pools both modes too, the '-' row is a marginal like the others"
 
     monkeypatch.setattr("results.report.load", lambda paths: (df, pd.DataFrame()))
     (tmp_path / "e").mkdir()
