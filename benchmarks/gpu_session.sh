@@ -69,7 +69,7 @@ CHURN_AFTER=${CHURN_AFTER:-3}   # a search's compile_after for capture (the benc
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-90}
 PROFILE=${PROFILE:-0}
-TEST_RUNS=${TEST_RUNS:-capture:100}   # session 8: 23 tests within 70 s; 31 now
+TEST_RUNS=${TEST_RUNS:-capture:100}   # session 8 ran 23 tests within 70 s; there are more now
 TESTS=${TESTS:-tests/test_compiled.py}
 SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
 mkdir -p "$OUT"

@@ -7,14 +7,13 @@ backend is involved; ``Figure.savefig`` writes them.
 from __future__ import annotations
 
 import json
-import math
 from typing import Optional, Sequence
 
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from .tables import MISSING
+from .tables import MISSING, group_key
 
 ERROR_LABELS = {"eval_test_error": "test error (%)", "valid_error": "super-net validation error (%)"}
 
@@ -32,7 +31,7 @@ def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:
     if col not in out.columns:
         out[key] = MISSING
         return out
-    out[key] = out[col].map(lambda v: MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+    out[key] = out[col].map(group_key)
     if key != col:
         out = out.drop(columns=[col])
     return out

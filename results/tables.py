@@ -35,7 +35,7 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence
     if not by:
         raise ValueError("summarize needs at least one column to group by")
     columns = {key: _column(trials, key) for key in by}
-    frame = trials.assign(**{f"__{k}": trials[c].map(_key) for k, c in columns.items()})
+    frame = trials.assign(**{f"__{k}": trials[c].map(group_key) for k, c in columns.items()})
     values = [v for v in (values or VALUES) if v in trials.columns and trials[v].notna().any()]
     rows = []
     for keys, group in frame.groupby([f"__{k}" for k in by], sort=True, dropna=False):
@@ -62,18 +62,16 @@ def mixed_unset(trials: pd.DataFrame, by: Sequence[str]) -> tuple[pd.Series, lis
     configuration of the study, only a mix of several, and its mean and spread would mean nothing:
     those trials are left out. A '-' row of one configuration (the darts trials alone) stays, and so
     does one that varies only in what the other rows vary in too (a marginal like theirs)."""
-    keys = pd.DataFrame({k: trials[_column(trials, k)].map(_key) for k in by}, index=trials.index)
+    keys = pd.DataFrame({k: trials[_column(trials, k)].map(group_key) for k in by}, index=trials.index)
     unset = (keys == MISSING).any(axis=1)
-    others = [c for c in trials.columns
-              if (c.startswith("setting:") or c == "mode") and c.removeprefix("setting:") not in (*by, "seed")]
+    others = pd.DataFrame({c.removeprefix("setting:"): trials[c].map(group_key).astype(str) for c in trials.columns
+                           if (c.startswith("setting:") or c == "mode")
+                           and c.removeprefix("setting:") not in (*by, "seed")}, index=trials.index)
 
     def varying(rows: pd.DataFrame) -> set[str]:
         """The settings of ``others`` that take more than one value within a row of the table."""
-        out = set()
-        for _, group in rows.groupby(list(by), sort=False):
-            out |= {c.removeprefix("setting:") for c in others
-                    if trials.loc[group.index, c].map(_key).astype(str).nunique() > 1}
-        return out
+        per_row = others.loc[rows.index].groupby([rows[k] for k in by], sort=False).nunique()
+        return set(per_row.columns[(per_row > 1).any()])
 
     left_out = pd.Series(False, index=trials.index)
     mixed: set[str] = set()
@@ -96,7 +94,7 @@ def _column(trials: pd.DataFrame, key: str) -> str:
                    f"swept settings are {', '.join(settings) or 'none'}")
 
 
-def _key(value):
+def group_key(value):
     """Group keys: missing values (a setting absent from some grid blocks) become '-'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING

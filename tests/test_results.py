@@ -96,6 +96,14 @@ def test_a_table_by_a_setting_leaves_out_a_row_that_would_mix_configurations(tmp
              for t in fig.axes[0].get_xticklabels()]
     assert ticks == ["0.0", "0.5"], "the figures leave out what the table does"
 
+    # --group-by a setting no trial gives a value: every trial is left out, and the page says so
+    unset = df.assign(**{"setting:lambda_": None})
+    monkeypatch.setattr("results.report.load", lambda paths: (unset, pd.DataFrame()))
+    text = write_report([tmp_path / "e"], out=tmp_path / "unset", group_by=["lambda_"]).read_text()
+    assert "8 trials that set no lambda_ are not in this table: they differ in mode" in text
+    assert not (tmp_path / "unset" / "tables" / "lambda.csv").exists()
+    assert not list((tmp_path / "unset" / "plots").glob("*.png"))
+
 
 def test_markdown_and_booktabs_latex():
     df = frame([{"setting:mode": "dst", "seed": 0, "valid_error": 0.25}])
