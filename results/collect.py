@@ -134,7 +134,7 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "eval_test_error": last.get("eval_test_error") if last.get("stage") == "evaluate" else None,
             "genotype": json.dumps(genotype) if genotype else None,
             "search_seconds": search_s, "eval_seconds": eval_s,
-            "gpu_hours": ((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600,
+            "gpu_hours": ((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600 if gpu or eval_gpu else None,
             "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in search_rows), default=None),
             "error": _error_text(trial_dir, rows) if status in ("failed", "diverged") else None,
         }
@@ -189,7 +189,7 @@ def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
         "genotype": json.dumps(genotype) if genotype else None,
         "search_seconds": seconds if kind == "search" else None,
         "eval_seconds": seconds if kind == "evaluate" else None,
-        "gpu_hours": seconds / 3600 if history and "cuda" in str(history[-1].get("device", "")) else 0.0,
+        "gpu_hours": seconds / 3600 if history and "cuda" in str(history[-1].get("device", "")) else None,
         "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in history), default=None),
         "error": None,
     }

@@ -165,6 +165,29 @@ def test_genotype_summary_counts_ops_and_connections():
     assert s["op:sep_conv_3x3"] == 5 and s["op:max_pool_3x3"] == 5 and s["op:skip_connect"] == 5
 
 
+def test_gpu_hours_count_the_gpus_a_trial_asked_for_and_stay_empty_on_the_cpu(tmp_path):
+    """GPU-hours = search seconds x search GPUs + evaluation seconds x evaluation GPUs, over 3600;
+    a sweep that asked for no GPU has none, so its tables carry no GPU-hours column of zeros."""
+    def experiment(name, resources, evaluate):
+        path = tmp_path / name
+        trial = path / "t0"
+        trial.mkdir(parents=True)
+        (path / "sweep.yaml").write_text(json.dumps({"name": name, "resources": resources, "evaluate": evaluate}))
+        (trial / "params.json").write_text(json.dumps({"trial": {"point": {"seed": 0}}}))
+        (trial / "result.json").write_text(json.dumps(
+            {"stage": "evaluate", "done": True, "search_seconds_total": 720.0, "eval_seconds_total": 1800.0}))
+        return path
+
+    gpu = experiment("gpu", {"cpu": 2, "gpu": 0.5}, {"resources": {"gpu": 2}})
+    cpu = experiment("cpu", {"cpu": 2}, {})
+    trials, _ = load([gpu, cpu], with_cost=False)
+    hours = dict(zip(trials["experiment"], trials["gpu_hours"]))
+    assert hours["gpu"] == pytest.approx((720 * 0.5 + 1800 * 2) / 3600) and math.isnan(hours["cpu"])
+    inherit = experiment("inherit", {"gpu": 0.25}, {})
+    assert load([inherit], with_cost=False)[0]["gpu_hours"][0] == pytest.approx((720 + 1800) * 0.25 / 3600)
+    assert "gpu_hours_mean" not in summarize(load([cpu], with_cost=False)[0], ["experiment"]).columns
+
+
 def test_not_an_experiment_exits_2(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     assert main(["report", str(tmp_path / "junk")]) == 2
