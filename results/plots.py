@@ -7,6 +7,7 @@ backend is involved; ``Figure.savefig`` writes them.
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional, Sequence
 
 import pandas as pd
@@ -143,14 +144,59 @@ def op_heatmap(trials: pd.DataFrame, key: str) -> Figure:
     return fig
 
 
+def _on_arc(source, target, rad: float, t: float) -> tuple[float, float]:
+    """The point at ``t`` of matplotlib's ``arc3`` curve: a quadratic Bezier whose control point
+    is the chord's midpoint moved by ``rad * (dy, -dx)`` (so rad > 0 bends a rightward arrow down)."""
+    (x0, y0), (x2, y2) = source, target
+    cx, cy = (x0 + x2) / 2 + rad * (y2 - y0), (y0 + y2) / 2 - rad * (x2 - x0)
+    a, b, c = (1 - t) ** 2, 2 * t * (1 - t), t ** 2
+    return a * x0 + b * cx + c * x2, a * y0 + b * cy + c * y2
+
+
+#: label size in a cell diagram's data units (6 pt text at the figure's scale): per character, per line
+_CHAR_W, _LINE_H, _NODE_R = 0.085, 0.17, 0.3
+
+
+def _label_size(ops: Sequence[str]) -> tuple[float, float]:
+    return _CHAR_W * max(map(len, ops)) + 0.1, _LINE_H * len(ops) + 0.1
+
+
+def _apart(p, q, half_w: float, half_h: float) -> float:
+    """How far apart two boxes centred at p and q are, in units of touching (< 1: they overlap)."""
+    return max(abs(p[0] - q[0]) / half_w, abs(p[1] - q[1]) / half_h)
+
+
+def _place(source, target, size, nodes, labels) -> tuple[float, tuple[float, float]]:
+    """The arc3 ``rad`` and the label's centre (a point of the arc) of the candidates that keep the
+    arrow clear of the nodes it does not join and its label clear of nodes and earlier labels;
+    straighter arrows and labels nearer the middle on a tie. ``labels``: (centre, size) placed so far."""
+    w, h = size
+
+    def score(candidate):
+        rad, t = candidate
+        curve = [_on_arc(source, target, rad, k / 10) for k in range(2, 9)]
+        centre = _on_arc(source, target, rad, t)
+        near_node = min((math.dist(p, q) for p in curve for q in nodes), default=9.0)
+        label_node = min((_apart(centre, q, w / 2 + _NODE_R, h / 2 + _NODE_R) for q in nodes), default=9.0)
+        label_label = min((_apart(centre, q, (w + qw) / 2, (h + qh) / 2) for q, (qw, qh) in labels), default=9.0)
+        return (min(near_node, 0.9) + min(label_node, 1.2) + min(label_label, 1.2)
+                - 0.2 * abs(rad) - 0.2 * abs(t - 0.5))
+
+    rad, t = max(((r, t) for r in (0.15, -0.15, 0.3, -0.3, 0.45, -0.45) for t in (0.5, 0.4, 0.6, 0.3, 0.7)),
+                 key=score)
+    return rad, _on_arc(source, target, rad, t)
+
+
 def draw_cell(ax, nodes: Sequence, concat: Sequence[int], title: str) -> None:
-    """A cell as a graph: inputs c_{k-2}, c_{k-1}, intermediate nodes, output c_k; every (op, input)
-    pair an arrow labelled with its op. Any number of inputs per node."""
+    """A cell as a graph: inputs c_{k-2}, c_{k-1}, intermediate nodes, output c_k. One arrow per
+    input a node keeps, labelled with its ops (DST may keep several ops on one edge, and a node any
+    number of inputs). Each arrow bends, and its label sits along it, where they stay clearest of
+    the nodes and of the labels drawn before."""
     n = len(nodes)
-    pos = {0: (0.0, 1.0), 1: (0.0, -1.0)}
+    pos = {0: (0.0, 1.6), 1: (0.0, -1.6)}
     for j in range(n):
-        pos[j + 2] = (1.5 + j, 0.6 if j % 2 else -0.6)
-    out = (n + 2.0, 0.0)
+        pos[j + 2] = (2.2 + 1.9 * j, 0.8 if j % 2 else -0.8)
+    out = (2.2 + 1.9 * n, 0.0)
     names = {0: "c_{k-2}", 1: "c_{k-1}", **{j + 2: str(j) for j in range(n)}}
     for state, (x, y) in pos.items():
         color = "#a6cee3" if state < 2 else "#fdbf6f"
@@ -158,26 +204,29 @@ def draw_cell(ax, nodes: Sequence, concat: Sequence[int], title: str) -> None:
                     fontsize=9, bbox={"boxstyle": "circle", "fc": color, "ec": "black"}, zorder=3)
     ax.annotate("$c_k$", out, ha="center", va="center", fontsize=9,
                 bbox={"boxstyle": "circle", "fc": "#b2df8a", "ec": "black"}, zorder=3)
+    labels: list[tuple[tuple[float, float], tuple[float, float]]] = []
     for j, node in enumerate(nodes):
         target = pos[j + 2]
-        seen: dict[int, int] = {}
+        ops_from: dict[int, list[str]] = {}
         for op, i in node:
-            k = seen.get(i, 0)
-            seen[i] = k + 1
+            ops_from.setdefault(i, []).append(op)
+        for i, ops in ops_from.items():
             source = pos[i]
-            rad = (0.25 + 0.18 * k) * (1 if (i + j) % 2 else -1)
+            others = [p for state, p in pos.items() if state not in (i, j + 2)] + [out]
+            size = _label_size(ops)
+            rad, centre = _place(source, target, size, others, labels)
             ax.annotate("", target, source, zorder=1,
                         arrowprops={"arrowstyle": "->", "color": "0.3", "shrinkA": 11, "shrinkB": 11,
                                     "connectionstyle": f"arc3,rad={rad}"})
-            dx, dy = target[0] - source[0], target[1] - source[1]
-            mx, my = (source[0] + target[0]) / 2 + 0.5 * rad * dy, (source[1] + target[1]) / 2 - 0.5 * rad * dx
-            ax.text(mx, my, op, fontsize=6, ha="center", va="center", zorder=2,
+            labels.append((centre, size))
+            ax.text(*centre, "\n".join(ops), fontsize=6, ha="center", va="center", zorder=2, linespacing=1.1,
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
     for state in concat:
         ax.annotate("", out, pos[state], zorder=1,
                     arrowprops={"arrowstyle": "->", "color": "0.6", "linestyle": "--", "shrinkA": 11, "shrinkB": 11})
-    ax.set_xlim(-0.6, n + 2.6)
-    ax.set_ylim(-1.8, 1.8)
+    ax.set_xlim(-0.5, out[0] + 0.5)
+    ax.set_ylim(-2.6, 2.6)
+    ax.set_aspect("equal")    # arcs bend in display space: equal scales put the labels on them
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
 

@@ -3,6 +3,7 @@
 import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,20 +144,52 @@ def test_curves_for_a_setting_whose_only_trials_finished_no_epoch():
         assert labels == ["-"]
 
 
-def test_cell_diagram_draws_a_node_with_three_inputs():
+def test_cell_diagram_draws_a_node_with_three_inputs_and_an_edge_with_two_ops():
     genotype = {"normal": [[["sep_conv_3x3", 0]], [["skip_connect", 0], ["max_pool_3x3", 1], ["dil_conv_3x3", 2]]],
-                "normal_concat": [2, 3], "reduce": [[["max_pool_3x3", 0], ["max_pool_3x3", 0]]], "reduce_concat": [2]}
+                "normal_concat": [2, 3], "reduce": [[["max_pool_3x3", 0], ["sep_conv_5x5", 0]]], "reduce_concat": [2]}
     fig = plots.cell_diagrams([("test", genotype)])
-    normal = fig.axes[0]
+    normal, reduce = fig.axes
     from matplotlib.text import Annotation
 
-    op_labels = [t.get_text() for t in normal.texts if not isinstance(t, Annotation)]
-    assert sorted(op_labels) == ["dil_conv_3x3", "max_pool_3x3", "sep_conv_3x3", "skip_connect"]
-    arrows = [t for t in normal.texts if isinstance(t, Annotation) and t.get_text() == ""]
-    assert len(arrows) == 4 + 2, "four op edges and two concat edges"
+    def labels(ax):
+        return sorted(t.get_text() for t in ax.texts if not isinstance(t, Annotation))
+
+    def arrows(ax):
+        return [t for t in ax.texts if isinstance(t, Annotation) and t.get_text() == ""]
+
+    assert labels(normal) == ["dil_conv_3x3", "max_pool_3x3", "sep_conv_3x3", "skip_connect"]
+    assert len(arrows(normal)) == 4 + 2, "four op edges and two concat edges"
     nodes = [t.get_text() for t in normal.texts if isinstance(t, Annotation) and t.get_text()]
     assert nodes == ["$c_{k-2}$", "$c_{k-1}$", "0", "1", "$c_k$"]
     assert normal.get_title() == "test: normal cell"
+    assert labels(reduce) == ["max_pool_3x3\nsep_conv_5x5"], "two ops on one edge: one arrow, both named"
+    assert len(arrows(reduce)) == 1 + 1
+
+
+def test_cell_diagram_labels_overlap_neither_each_other_nor_the_nodes():
+    """Searched cells (DARTS-space zoo), a DST cell with several ops on some edges, and the dense
+    cell of a DST search that has pruned nothing: every label box clear of every other and of the
+    node circles, as drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation
+
+    dst = json.loads((Path(__file__).parents[1] / "benchmarks" / "genotypes" / "dst-digits.json").read_text())
+    dense_cell = [[[op, i] for i in range(j + 2) for op in ("sep_conv_3x3", "max_pool_3x3", "skip_connect")]
+                  for j in range(4)]
+    dense = {"normal": dense_cell, "normal_concat": [2, 3, 4, 5], "reduce": dense_cell, "reduce_concat": [2, 3, 4, 5]}
+    rows = [(name, ZOO[name].to_dict()) for name in ("DARTS_V2", "PC_DARTS", "AmoebaNet")]
+    rows += [("dst", dst), ("dense", dense)]
+    fig = plots.cell_diagrams(rows)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        texts = [t for t in ax.texts if t.get_text()]
+        boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in texts if not isinstance(t, Annotation)]
+        circles = [t.get_bbox_patch().get_window_extent(renderer) for t in texts if isinstance(t, Annotation)]
+        assert len(boxes) >= 6 and len(circles) >= 7
+        clashes = [(i, k) for i, a in enumerate(boxes) for k, b in enumerate(boxes[i + 1:] + circles) if a.overlaps(b)]
+        assert not clashes, f"{ax.get_title()}: labels overlapping: {clashes}"
 
 
 def test_genotype_summary_counts_ops_and_connections():
