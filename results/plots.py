@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from numbers import Real
 from typing import Optional, Sequence
 
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .tables import MISSING, group_key
 
@@ -36,6 +38,33 @@ def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:
     if key != col:
         out = out.drop(columns=[col])
     return out
+
+
+def levels(values) -> list[str]:
+    """The distinct values of a setting column (as ``_with_key`` leaves it) in the order every figure
+    shows them: numbers in numeric order, then text in alphabetical order, then '-' (not set)."""
+    distinct = set(values)
+    numbers = sorted(v for v in distinct if isinstance(v, Real) and not isinstance(v, bool))
+    text = sorted(str(v) for v in distinct if v not in numbers and v != MISSING)
+    return [str(v) for v in numbers] + text + ([MISSING] if MISSING in distinct else [])
+
+
+#: dash patterns (on, off, ...) per level, cycled: "" is a solid line
+_DASHES = ("", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (6, 2), (2, 2, 6, 2))
+
+
+def _line_styles(order: Sequence[str], shown: Sequence[str]) -> dict:
+    """lineplot arguments that give each level of ``order`` the same colour and dashes in every panel,
+    whichever levels a panel ``shown``: dashes keep apart groups whose curves coincide."""
+    colours = dict(zip(order, sns.color_palette(n_colors=len(order))))
+    dashes = {v: _DASHES[i % len(_DASHES)] for i, v in enumerate(order)}
+    return {"hue_order": shown, "style_order": shown, "palette": {v: colours[v] for v in shown},
+            "dashes": {v: dashes[v] for v in shown}}
+
+
+def _epoch_axis(ax) -> None:
+    ax.set_xlabel("search epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def error_column(trials: pd.DataFrame) -> str:
@@ -76,6 +105,7 @@ def metric_vs_setting(trials: pd.DataFrame, key: str, value: str, label: str, sc
 def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     """Error and search time per value of a (categorical) setting, mean ± sd over its trials."""
     df = _with_key(trials, key)
+    order = levels(df[key])
     df[key] = df[key].astype(str)
     err = error_column(df)
     df["__err"] = _percent(df, err)
@@ -83,13 +113,13 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     hue = "experiment" if df["experiment"].nunique() > 1 else None
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_err, ax_cost = fig.subplots(1, 2)
-    sns.barplot(data=df, x=key, y="__err", hue=hue, errorbar="sd", ax=ax_err)
+    sns.barplot(data=df, x=key, y="__err", hue=hue, order=order, errorbar="sd", ax=ax_err)
     dots = {"color": "black"} if hue is None else {"palette": "dark:black", "dodge": True}
-    sns.stripplot(data=df, x=key, y="__err", hue=hue, size=4, legend=False, ax=ax_err, **dots)
+    sns.stripplot(data=df, x=key, y="__err", hue=hue, order=order, size=4, legend=False, ax=ax_err, **dots)
     ax_err.set_xlabel(key)
     ax_err.set_ylabel(ERROR_LABELS[err])
     ax_err.set_title(f"{ERROR_LABELS[err].split(' (')[0]} per {key}")
-    sns.barplot(data=df, x=key, y="__cost", hue=hue, errorbar="sd", ax=ax_cost)
+    sns.barplot(data=df, x=key, y="__cost", hue=hue, order=order, errorbar="sd", ax=ax_cost)
     ax_cost.set_xlabel(key)
     ax_cost.set_ylabel("search time (min)")
     ax_cost.set_title(f"search cost per {key}")
@@ -100,12 +130,14 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
 def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
     """Super-net validation error per epoch, one line per value of ``key`` (band: sd over its trials)."""
     df = _with_key(epochs, key)
+    order = levels(df[key])
     df[key] = df[key].astype(str)
     df["__err"] = _percent(df, "valid_error")
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    sns.lineplot(data=df, x="epoch", y="__err", hue=key, errorbar="sd", ax=ax)
-    ax.set_xlabel("search epoch")
+    sns.lineplot(data=df, x="epoch", y="__err", hue=key, style=key, errorbar="sd", ax=ax,
+                 **_line_styles(order, order))
+    _epoch_axis(ax)
     ax.set_ylabel("super-net validation error (%)")
     ax.set_title(f"validation error during search, per {key}")
     return fig
@@ -114,6 +146,7 @@ def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
 def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
     """Temperature and mean DST thresholds t = sigmoid(beta) per epoch, per value of ``key``."""
     df = _with_key(epochs, key)
+    order = levels(df[key])
     df[key] = df[key].astype(str)
     panels = [("tau", "temperature tau")]
     panels += [(c, f"mean threshold, {c.split('_')[1]} cell") for c in ("threshold_normal", "threshold_reduce")
@@ -121,8 +154,11 @@ def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
     fig = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (column, label) in zip(axes, panels):
-        sns.lineplot(data=df.dropna(subset=[column]), x="epoch", y=column, hue=key, errorbar="sd", ax=ax)
-        ax.set_xlabel("search epoch")
+        data = df.dropna(subset=[column])
+        shown = [v for v in order if v in set(data[key])]      # thresholds: DST trials only
+        sns.lineplot(data=data, x="epoch", y=column, hue=key, style=key, errorbar="sd", ax=ax,
+                     **_line_styles(order, shown))
+        _epoch_axis(ax)
         ax.set_ylabel(label)
         ax.set_title(label)
     fig.suptitle(f"tau and thresholds per {key}")
@@ -133,7 +169,7 @@ def op_heatmap(trials: pd.DataFrame, key: str) -> Figure:
     """Mean count of each operation in the final genotypes (normal + reduction cell) per group."""
     df = _with_key(trials, key)
     ops = [c for c in df.columns if c.startswith("op:")]
-    table = df.groupby(df[key].astype(str))[ops].mean()
+    table = df.groupby(df[key].astype(str))[ops].mean().reindex(levels(df[key]))
     table.columns = [c[3:] for c in ops]
     fig = Figure(figsize=(1.1 * len(ops) + 2.5, 0.5 * len(table) + 2.2), layout="constrained")
     ax = fig.add_subplot()
@@ -249,7 +285,9 @@ def best_cells(trials: pd.DataFrame, key: str) -> Optional[Figure]:
     if df.empty:
         return None
     rows = []
-    for value, group in df.groupby(df[key].astype(str), sort=True):
+    groups = dict(list(df.groupby(df[key].astype(str))))
+    for value in levels(df[key]):
+        group = groups[value]
         best = group.loc[pd.to_numeric(group[err]).idxmin()]
         rows.append((f"{key}={value} (error {100 * best[err]:.2f}%)", json.loads(best["genotype"])))
     return cell_diagrams(rows)

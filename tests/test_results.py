@@ -134,6 +134,35 @@ def test_figures_carry_their_axis_labels():
     assert plots.learning_curves(epochs, "lambda_").axes[0].get_xlabel() == "search epoch"
 
 
+def test_every_figure_orders_a_setting_alike_numbers_numerically_and_unset_last():
+    """lr 0.1, 0.025, 1 and unset: lexically '0.025' < '0.1' < '1' holds by luck, but 10 would sort
+    before 2. The table's order is the figures' order: numbers by value, text, then '-'."""
+    assert plots.levels([10, 2, "-", 0.5, np.int64(3)]) == ["0.5", "2", "3", "10", "-"]
+    assert plots.levels(["entrannas", "darts", "dst"]) == ["darts", "dst", "entrannas"]
+    values = (10, 2, None)
+    trials = frame([{"setting:layers": v, "seed": s, "valid_error": 0.2, "op:skip_connect": 1,
+                     "genotype": json.dumps(ZOO["DARTS_V2"].to_dict())} for v in values for s in (0, 1)])
+    want = ["2.0", "10.0", "-"]    # a setting column with a gap is a float column
+    fig = plots.error_and_cost(trials, "layers")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == want
+    assert [t.get_text() for t in plots.op_heatmap(trials, "layers").axes[0].get_yticklabels()] == want
+    assert [ax.get_title().split(" ")[0] for ax in plots.best_cells(trials, "layers").axes[::2]] == \
+        [f"layers={v}" for v in want]
+    epochs = pd.DataFrame([{"experiment": "e", "setting:layers": v, "seed": 0, "epoch": e, "tau": 1.0,
+                            "valid_error": 0.5} for v in values for e in range(3)])
+    for figure in (plots.learning_curves, plots.trajectories):
+        ax = figure(epochs, "layers").axes[0]
+        assert ax.get_legend_handles_labels()[1] == want
+        assert all(float(t).is_integer() for t in ax.get_xticks()), "epochs are whole numbers"
+    dashes = [line.get_linestyle() for line in plots.trajectories(epochs, "layers").axes[0].get_lines()[:3]]
+    assert len(set(dashes)) > 1, "curves that coincide (tau of two modes) stay apart by their dashes"
+    epochs["threshold_normal"] = [0.5 if v == 10 else None for v in epochs["setting:layers"]]
+    tau, threshold = plots.trajectories(epochs, "layers").axes[:2]
+    styles = [{label: (h.get_color(), h.get_linestyle()) for h, label in zip(*ax.get_legend_handles_labels())}
+              for ax in (tau, threshold)]
+    assert list(styles[1]) == ["10.0"] and styles[1]["10.0"] == styles[0]["10.0"], "one look per group in every panel"
+
+
 def test_curves_for_a_setting_whose_only_trials_finished_no_epoch():
     """A sweep's only trial at lr=1e30 diverges in its first epoch: the trials frame has its lr, the
     epochs frame no lr column at all. The curves then put every epoch under the missing value."""
