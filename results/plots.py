@@ -98,8 +98,17 @@ def metric_vs_setting(trials: pd.DataFrame, key: str, value: str, label: str, sc
     sns.scatterplot(data=df, x=key, y="__y", hue=hue, alpha=0.4, legend=False, ax=ax)
     ax.set_xlabel(key)
     ax.set_ylabel(label)
-    ax.set_title(title or f"{label} vs {key} (mean ± sd over trials)")
+    ax.set_title(title or f"{label} vs {key}\n(mean ± sd over trials)")
     return fig
+
+
+def _time_unit(longest: float) -> tuple[str, float]:
+    """The unit (and its seconds) that puts the longest of some durations between 1 and about 100:
+    a digits search takes seconds, a CIFAR-10 one minutes or hours."""
+    for unit, per in (("h", 3600.0), ("min", 60.0)):
+        if longest >= 2 * per:
+            return unit, per
+    return "s", 1.0
 
 
 def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
@@ -109,7 +118,9 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     df[key] = df[key].astype(str)
     err = error_column(df)
     df["__err"] = _percent(df, err)
-    df["__cost"] = pd.to_numeric(df["search_seconds"], errors="coerce") / 60
+    seconds = pd.to_numeric(df["search_seconds"], errors="coerce")
+    unit, per = _time_unit(seconds.max())
+    df["__cost"] = seconds / per
     hue = "experiment" if df["experiment"].nunique() > 1 else None
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_err, ax_cost = fig.subplots(1, 2)
@@ -121,7 +132,7 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     ax_err.set_title(f"{ERROR_LABELS[err].split(' (')[0]} per {key}")
     sns.barplot(data=df, x=key, y="__cost", hue=hue, order=order, errorbar="sd", ax=ax_cost)
     ax_cost.set_xlabel(key)
-    ax_cost.set_ylabel("search time (min)")
+    ax_cost.set_ylabel(f"search time ({unit})")
     ax_cost.set_title(f"search cost per {key}")
     fig.suptitle(f"{key}: mean ± sd over trials")
     return fig

@@ -124,7 +124,10 @@ def test_figures_carry_their_axis_labels():
     assert ax.get_xlabel() == "lambda_" and ax.get_ylabel() == "super-net validation error (%)"
     assert "mean ± sd" in ax.get_title()
     fig = plots.error_and_cost(df, "lambda_")
-    assert [a.get_ylabel() for a in fig.axes[:2]] == ["super-net validation error (%)", "search time (min)"]
+    assert [a.get_ylabel() for a in fig.axes[:2]] == ["super-net validation error (%)", "search time (s)"]
+    assert plots.error_and_cost(df.assign(search_seconds=600.0), "lambda_").axes[1].get_ylabel() == "search time (min)"
+    hours = plots.error_and_cost(df.assign(search_seconds=5 * 3600.0), "lambda_").axes[1]
+    assert hours.get_ylabel() == "search time (h)" and max(p.get_height() for p in hours.patches) == pytest.approx(5)
     fig = plots.op_heatmap(df, "lambda_")
     assert fig.axes[0].get_xlabel() == "operation" and fig.axes[0].get_ylabel() == "lambda_"
     epochs = pd.DataFrame([{"experiment": "e", "setting:lambda_": 0.1, "seed": 0, "epoch": e, "tau": 1 - e / 10,
