@@ -200,7 +200,8 @@ def _on_arc(source, target, rad: float, t: float) -> tuple[float, float]:
     return a * x0 + b * cx + c * x2, a * y0 + b * cy + c * y2
 
 
-#: label size in a cell diagram's data units (6 pt text at the figure's scale): per character, per line
+#: label size in a cell diagram's data units, per character and per line of 6 pt text, and a node's
+#: radius, with a margin, at cell_diagrams' scale (a 12-character label drawn there: 1.04 by 0.21)
 _CHAR_W, _LINE_H, _NODE_R = 0.085, 0.17, 0.3
 
 
