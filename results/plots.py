@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from numbers import Real
 from typing import Optional, Sequence
 
 import pandas as pd
@@ -16,7 +15,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .tables import MISSING, group_key
+from .tables import MISSING, group_key, levels
 
 ERROR_LABELS = {"eval_test_error": "test error (%)", "valid_error": "super-net validation error (%)"}
 
@@ -40,13 +39,13 @@ def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:
     return out
 
 
-def levels(values) -> list[str]:
-    """The distinct values of a setting column (as ``_with_key`` leaves it) in the order every figure
-    shows them: numbers in numeric order, then text in alphabetical order, then '-' (not set)."""
-    distinct = set(values)
-    numbers = sorted(v for v in distinct if isinstance(v, Real) and not isinstance(v, bool))
-    text = sorted(str(v) for v in distinct if v not in numbers and v != MISSING)
-    return [str(v) for v in numbers] + text + ([MISSING] if MISSING in distinct else [])
+def _categories(df: pd.DataFrame, key: str) -> tuple[pd.DataFrame, list[str]]:
+    """``_with_key``'s frame with ``key`` as text (a category axis or hue), and its values in the
+    tables' order (``tables.levels``)."""
+    df = _with_key(df, key)
+    order = [str(v) for v in levels(df[key])]
+    df[key] = df[key].astype(str)
+    return df, order
 
 
 #: dash patterns (on, off, ...) per level, cycled: "" is a solid line
@@ -103,8 +102,8 @@ def metric_vs_setting(trials: pd.DataFrame, key: str, value: str, label: str, sc
 
 
 def _time_unit(longest: float) -> tuple[str, float]:
-    """The unit (and its seconds) that puts the longest of some durations between 1 and about 100:
-    a digits search takes seconds, a CIFAR-10 one minutes or hours."""
+    """The unit (and its seconds) in which the longest of some durations reads from 2 to 120 (under
+    2 s: seconds): a digits search takes seconds, a CIFAR-10 one minutes or hours."""
     for unit, per in (("h", 3600.0), ("min", 60.0)):
         if longest >= 2 * per:
             return unit, per
@@ -113,9 +112,7 @@ def _time_unit(longest: float) -> tuple[str, float]:
 
 def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
     """Error and search time per value of a (categorical) setting, mean ± sd over its trials."""
-    df = _with_key(trials, key)
-    order = levels(df[key])
-    df[key] = df[key].astype(str)
+    df, order = _categories(trials, key)
     err = error_column(df)
     df["__err"] = _percent(df, err)
     seconds = pd.to_numeric(df["search_seconds"], errors="coerce")
@@ -140,9 +137,7 @@ def error_and_cost(trials: pd.DataFrame, key: str) -> Figure:
 
 def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
     """Super-net validation error per epoch, one line per value of ``key`` (band: sd over its trials)."""
-    df = _with_key(epochs, key)
-    order = levels(df[key])
-    df[key] = df[key].astype(str)
+    df, order = _categories(epochs, key)
     df["__err"] = _percent(df, "valid_error")
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -156,9 +151,7 @@ def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
 
 def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
     """Temperature and mean DST thresholds t = sigmoid(beta) per epoch, per value of ``key``."""
-    df = _with_key(epochs, key)
-    order = levels(df[key])
-    df[key] = df[key].astype(str)
+    df, order = _categories(epochs, key)
     panels = [("tau", "temperature tau")]
     panels += [(c, f"mean threshold, {c.split('_')[1]} cell") for c in ("threshold_normal", "threshold_reduce")
                if c in df.columns and df[c].notna().any()]
@@ -178,9 +171,9 @@ def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
 
 def op_heatmap(trials: pd.DataFrame, key: str) -> Figure:
     """Mean count of each operation in the final genotypes (normal + reduction cell) per group."""
-    df = _with_key(trials, key)
+    df, order = _categories(trials, key)
     ops = [c for c in df.columns if c.startswith("op:")]
-    table = df.groupby(df[key].astype(str))[ops].mean().reindex(levels(df[key]))
+    table = df.groupby(key)[ops].mean().reindex(order)
     table.columns = [c[3:] for c in ops]
     fig = Figure(figsize=(1.1 * len(ops) + 2.5, 0.5 * len(table) + 2.2), layout="constrained")
     ax = fig.add_subplot()
@@ -291,15 +284,13 @@ def cell_diagrams(rows: Sequence[tuple[str, dict]]) -> Figure:
 
 def best_cells(trials: pd.DataFrame, key: str) -> Optional[Figure]:
     """Cell diagrams of the best finished trial (lowest error) of each group of ``key``."""
-    df = _with_key(trials, key)
-    err = error_column(df)
-    df = df[df["genotype"].notna() & df[err].notna()]
+    err = error_column(trials)
+    df, order = _categories(trials[trials["genotype"].notna() & trials[err].notna()], key)
     if df.empty:
         return None
     rows = []
-    groups = dict(list(df.groupby(df[key].astype(str))))
-    for value in levels(df[key]):
-        group = groups[value]
+    for value in order:
+        group = df[df[key] == value]
         best = group.loc[pd.to_numeric(group[err]).idxmin()]
         rows.append((f"{key}={value} (error {100 * best[err]:.2f}%)", json.loads(best["genotype"])))
     return cell_diagrams(rows)

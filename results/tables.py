@@ -9,6 +9,7 @@ Failed, diverged and unfinished trials stay in the counts (``n_trials``, ``n_fai
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Optional, Sequence
 
 import pandas as pd
@@ -31,14 +32,15 @@ MISSING = "-"
 
 def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """One row per group of ``by`` (setting names, 'mode', 'experiment', ...): for each value
-    column its ``_mean``, ``_std`` (sample, ddof=1) and ``_n``, plus trial counts per status."""
+    column its ``_mean``, ``_std`` (sample, ddof=1) and ``_n``, plus trial counts per status.
+    Rows in the order of ``levels``, by the first key, then the second..."""
     if not by:
         raise ValueError("summarize needs at least one column to group by")
     columns = {key: _column(trials, key) for key in by}
     frame = trials.assign(**{f"__{k}": trials[c].map(group_key) for k, c in columns.items()})
     values = [v for v in (values or VALUES) if v in trials.columns and trials[v].notna().any()]
     rows = []
-    for keys, group in frame.groupby([f"__{k}" for k in by], sort=True, dropna=False):
+    for keys, group in frame.groupby([f"__{k}" for k in by], sort=False, dropna=False):
         keys = keys if isinstance(keys, tuple) else (keys,)
         row = dict(zip(by, keys))
         row["n_trials"] = len(group)
@@ -50,6 +52,8 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence
             row[f"{v}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
             row[f"{v}_n"] = len(series)
         rows.append(row)
+    rank = {k: {v: i for i, v in enumerate(levels(frame[f"__{k}"]))} for k in by}
+    rows.sort(key=lambda row: tuple(rank[k][row[k]] for k in by))
     return pd.DataFrame(rows)
 
 
@@ -92,6 +96,15 @@ def _column(trials: pd.DataFrame, key: str) -> str:
     settings = sorted(c.split(":", 1)[1] for c in trials.columns if c.startswith("setting:"))
     raise KeyError(f"--group-by {key!r}: not a column; {did_you_mean(key, settings)}"
                    f"swept settings are {', '.join(settings) or 'none'}")
+
+
+def levels(values) -> list:
+    """The distinct group keys of a setting (``group_key``'s values) in the order every table and
+    figure shows them: numbers by value, then text in alphabetical order, then '-' (not set)."""
+    distinct = set(values)
+    numbers = sorted(v for v in distinct if isinstance(v, Real) and not isinstance(v, bool))
+    text = sorted((v for v in distinct if v not in numbers and v != MISSING), key=str)
+    return numbers + text + ([MISSING] if MISSING in distinct else [])
 
 
 def group_key(value):

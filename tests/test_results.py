@@ -14,7 +14,7 @@ from entrannas.zoo import ZOO
 from results import plots, report
 from results.collect import NotAnExperiment, genotype_summary, load
 from results.report import write_report
-from results.tables import display_table, mixed_unset, summarize, to_latex, to_markdown
+from results.tables import display_table, levels, mixed_unset, summarize, to_latex, to_markdown
 
 
 def frame(rows):
@@ -137,15 +137,18 @@ def test_figures_carry_their_axis_labels():
     assert plots.learning_curves(epochs, "lambda_").axes[0].get_xlabel() == "search epoch"
 
 
-def test_every_figure_orders_a_setting_alike_numbers_numerically_and_unset_last():
-    """lr 0.1, 0.025, 1 and unset: lexically '0.025' < '0.1' < '1' holds by luck, but 10 would sort
-    before 2. The table's order is the figures' order: numbers by value, text, then '-'."""
-    assert plots.levels([10, 2, "-", 0.5, np.int64(3)]) == ["0.5", "2", "3", "10", "-"]
-    assert plots.levels(["entrannas", "darts", "dst"]) == ["darts", "dst", "entrannas"]
+def test_every_table_and_figure_orders_a_setting_alike_numbers_numerically_and_unset_last():
+    """As text, 10 would sort before 2, and '-' before any name. Tables and figures share one order:
+    numbers by value, then text, then '-'."""
+    assert levels([10, 2, "-", 0.5, np.int64(3)]) == [0.5, 2, 3, 10, "-"]
+    assert levels(["entrannas", "-", "darts", "dst"]) == ["darts", "dst", "entrannas", "-"]
     values = (10, 2, None)
     trials = frame([{"setting:layers": v, "seed": s, "valid_error": 0.2, "op:skip_connect": 1,
                      "genotype": json.dumps(ZOO["DARTS_V2"].to_dict())} for v in values for s in (0, 1)])
     want = ["2.0", "10.0", "-"]    # a setting column with a gap is a float column
+    assert [str(v) for v in summarize(trials, ["layers"])["layers"]] == want
+    text = frame([{"setting:placement": v, "seed": 0, "valid_error": 0.2} for v in ("first", None, "all")])
+    assert list(summarize(text, ["placement"])["placement"]) == ["all", "first", "-"], "'-' last, as in the figures"
     fig = plots.error_and_cost(trials, "layers")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == want
     assert [t.get_text() for t in plots.op_heatmap(trials, "layers").axes[0].get_yticklabels()] == want
