@@ -26,6 +26,16 @@ def build_network(genotype: Genotype, config: EvalConfig, num_classes: int, in_c
                auxiliary=config.auxiliary, drop_path_prob=0.0, in_channels=in_channels)
 
 
+def training_loss(logits: torch.Tensor, logits_aux: Optional[torch.Tensor], y: torch.Tensor,
+                  config: EvalConfig) -> torch.Tensor:
+    """The classifier's cross-entropy plus ``auxiliary_weight`` times the auxiliary head's (DARTS),
+    both with the recipe's label smoothing; ``logits_aux`` is None without the head."""
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    if logits_aux is not None:
+        loss = loss + config.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=config.label_smoothing)
+    return loss
+
+
 class Evaluation(EpochJob):
     """Train ``genotype`` from scratch. ``run()`` yields one record per epoch."""
 
@@ -68,9 +78,7 @@ class Evaluation(EpochJob):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             logits, logits_aux = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=c.label_smoothing)
-            if logits_aux is not None:
-                loss = loss + c.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=c.label_smoothing)
+            loss = training_loss(logits, logits_aux, y, c)
             loss.backward()
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip, foreach=True)

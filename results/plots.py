@@ -15,13 +15,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .tables import MISSING, group_key, levels
+from .tables import MISSING, group_key, levels, setting_column
 
 ERROR_LABELS = {"eval_test_error": "test error (%)", "valid_error": "super-net validation error (%)"}
-
-
-def setting_column(df: pd.DataFrame, key: str) -> str:
-    return f"setting:{key}" if f"setting:{key}" in df.columns else key
 
 
 def _with_key(df: pd.DataFrame, key: str) -> pd.DataFrame:

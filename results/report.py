@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import plots
 from .collect import load, swept_settings
-from .tables import display_table, mixed_unset, summarize, to_latex, to_markdown
+from .tables import display_table, mixed_unset, setting_column, summarize, to_latex, to_markdown
 
 
 def _safe(name: str) -> str:
@@ -100,11 +100,12 @@ def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:
     if left_out.all():
         return figs
     if left_out.any():
-        gone = set(zip(trials.loc[left_out, "experiment"], trials.loc[left_out, "trial_id"]))
+        trial = ["experiment", "trial_id"]
+        gone = pd.MultiIndex.from_frame(trials.loc[left_out, trial])
         trials = trials[~left_out]
         if not epochs.empty:
-            epochs = epochs[[pair not in gone for pair in zip(epochs["experiment"], epochs["trial_id"])]]
-    column = plots.setting_column(trials, key)
+            epochs = epochs[~pd.MultiIndex.from_frame(epochs[trial]).isin(gone)]
+    column = setting_column(trials, key)
     values = trials[column] if column in trials.columns else pd.Series(dtype=object)
     safe = _safe(key)
     if key == "lambda_" or (plots.is_numeric(values.dropna()) and values.nunique() > 2 and key != "seed"):

@@ -88,11 +88,17 @@ def mixed_unset(trials: pd.DataFrame, by: Sequence[str]) -> tuple[pd.Series, lis
     return left_out, sorted(mixed)
 
 
+def setting_column(df: pd.DataFrame, key: str) -> str:
+    """The column of setting ``key``: ``setting:KEY`` where the frame has it (a swept setting), else
+    ``key`` itself (a column such as ``mode``, or one the frame lacks)."""
+    return f"setting:{key}" if f"setting:{key}" in df.columns else key
+
+
 def _column(trials: pd.DataFrame, key: str) -> str:
-    if f"setting:{key}" in trials.columns:
-        return f"setting:{key}"
-    if key in trials.columns:
-        return key
+    """``setting_column``, which must exist: a table cannot group by what no trial has."""
+    column = setting_column(trials, key)
+    if column in trials.columns:
+        return column
     settings = sorted(c.split(":", 1)[1] for c in trials.columns if c.startswith("setting:"))
     raise KeyError(f"--group-by {key!r}: not a column; {did_you_mean(key, settings)}"
                    f"swept settings are {', '.join(settings) or 'none'}")

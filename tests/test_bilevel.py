@@ -31,6 +31,54 @@ def test_first_order_arch_step_moves_alpha_weight_step_does_not():
     assert not torch.equal(net.alpha_normal, before)
 
 
+@pytest.mark.parametrize("update_arch", [True, False])
+def test_a_step_updates_alpha_on_the_valid_batch_then_the_weights_on_the_train_batch(monkeypatch, update_arch):
+    """SPEC 6, first order: the arch step's passes see the validation batch only, and run before
+    the weight step, whose pass sees the training batch with alpha out of the graph."""
+    net = tiny_net(mode="dst")
+    opt = BilevelOptimizer(net, tiny_config(mode="dst"))
+    train, valid = tiny_batch(0), tiny_batch(1)
+    seen = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x, arch_grad=True: (
+        seen.append(("valid" if x is valid[0] else "train" if x is train[0] else "other", arch_grad)),
+        forward(x, arch_grad))[1])
+    opt.step(train, valid, update_arch=update_arch)
+    assert seen == ([("valid", True)] if update_arch else []) + [("train", False)]
+
+
+def test_the_optimisers_are_spec_6s():
+    """SPEC 6's defaults (CIFAR): SGD lr 0.1, momentum 0.9, wd 3e-4, cosine to 0 over the epochs;
+    Adam lr 6e-4, betas (0.5, 0.999), wd 1e-3 for alpha and beta; and each reaches its optimiser."""
+    config = tiny_config(mode="dst", dataset="synthetic")   # CIFAR's recipe, at a tiny size
+    opt = BilevelOptimizer(tiny_net(mode="dst"), config)
+    sgd, adam = opt.w_optimizer.param_groups[0], opt.a_optimizer.param_groups[0]
+    assert (config.lr, config.momentum, config.weight_decay, config.lr_min) == (0.1, 0.9, 3e-4, 0.0)
+    assert (sgd["lr"], sgd["momentum"], sgd["weight_decay"]) == (0.1, 0.9, 3e-4)
+    assert (opt.w_scheduler.T_max, opt.w_scheduler.eta_min) == (config.epochs, 0.0)
+    assert (config.arch_lr, config.arch_beta1, config.arch_beta2, config.arch_weight_decay) == (6e-4, 0.5, 0.999, 1e-3)
+    assert (adam["lr"], adam["betas"], adam["weight_decay"]) == (6e-4, (0.5, 0.999), 1e-3)
+    assert config.grad_clip == 5.0
+    changed = tiny_config(mode="dst", arch_beta1=0.7, arch_beta2=0.99, momentum=0.5)
+    opt = BilevelOptimizer(tiny_net(mode="dst"), changed)
+    assert opt.a_optimizer.param_groups[0]["betas"] == (0.7, 0.99)
+    assert opt.w_optimizer.param_groups[0]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_the_weight_step_clips_the_gradient_norm(grad_clip):
+    net = tiny_net(mode="entrannas")
+    opt = BilevelOptimizer(net, tiny_config(mode="entrannas", grad_clip=grad_clip))
+    norms = []
+    opt.w_optimizer.step = lambda: norms.append(
+        torch.cat([p.grad.flatten() for p in net.weight_parameters() if p.grad is not None]).norm().item())
+    opt.weight_step(tiny_batch(0))
+    if grad_clip:
+        assert norms == [pytest.approx(grad_clip, rel=1e-3)]
+    else:   # 0 turns clipping off; this loss's gradient is far larger than the clip above
+        assert norms[0] > 100 * 1e-3
+
+
 def test_regularizer_only_in_dst():
     net = tiny_net(mode="entrannas")
     assert BilevelOptimizer(net, tiny_config(mode="entrannas", lambda_=3.0)).regularizer() == 0
@@ -40,9 +88,11 @@ def test_regularizer_only_in_dst():
 
 
 @pytest.mark.parametrize("mode", ["entrannas", "dst"])
-def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
+@pytest.mark.parametrize("after_a_weight_step", [False, True])
+def test_unrolled_gradient_matches_exact_second_order_gradient(mode, after_a_weight_step):
     """DARTS Eq. 7, with its finite-difference Hessian term, against autograd through the
-    virtual step w' = w - xi (grad_w L_train + wd w), in float64."""
+    virtual step w' = w - xi (momentum * buffer + grad_w L_train + wd w), in float64: from a fresh
+    optimiser, and after a weight step has filled SGD's momentum buffers."""
     # Smooth enough for finite differences: no max-pool, whose argmax flips under tiny shifts.
     prims = ("sep_conv_3x3", "avg_pool_3x3", "skip_connect", "dil_conv_3x3")
     config = tiny_config(mode=mode, primitives=prims, unrolled=True, lr=0.05, weight_decay=3e-4, lambda_=0.2)
@@ -51,6 +101,8 @@ def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
     opt = BilevelOptimizer(net, config)
     # A small radius: this tiny net's loss has ReLU kinks that DARTS' 0.01 straddles.
     opt.fd_radius = 1e-6
+    if after_a_weight_step:
+        opt.weight_step(tiny_batch(2, dtype=torch.float64))
     opt._unrolled_backward(train, valid)
     estimate = [a.grad.clone() for a in net.arch_parameters()]
 
@@ -60,7 +112,10 @@ def test_unrolled_gradient_matches_exact_second_order_gradient(mode):
     loss = lambda values, xy: F.cross_entropy(functional_call(net, ({**params, **values}, buffers), (xy[0],)), xy[1])  # noqa: E731
     grads = torch.autograd.grad(loss({}, train), [params[n] for n in names], create_graph=True, allow_unused=True)
     grads = [g if g is not None else 0 for g in grads]   # ops outside the derived set
-    unrolled = {n: params[n] - 0.05 * (g + 3e-4 * params[n]) for n, g in zip(names, grads)}
+    buffers_of = {n: opt.w_optimizer.state.get(params[n], {}).get("momentum_buffer") for n in names}
+    assert any(b is not None for b in buffers_of.values()) == after_a_weight_step
+    moment = {n: 0 if b is None else config.momentum * b for n, b in buffers_of.items()}
+    unrolled = {n: params[n] - 0.05 * (moment[n] + g + 3e-4 * params[n]) for n, g in zip(names, grads)}
     val = loss(unrolled, valid) + opt.regularizer()
     exact = torch.autograd.grad(val, net.arch_parameters())
     first_order = torch.autograd.grad(loss({}, valid) + opt.regularizer(), net.arch_parameters())

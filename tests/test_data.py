@@ -41,6 +41,13 @@ def test_cifar_search_split_halves_the_training_set(tmp_path):
     data = build_search_data(tiny_config(dataset="cifar10", data_dir=str(tmp_path), batch_size=8),
                              torch.device("cpu"))
     assert len(data.train.labels) == 25 and len(data.valid.labels) == 25
+    # the weights' half is the first 25 images and the arch's the other 25 (DARTS): disjoint
+    (images, labels), _ = load_arrays("cifar10", str(tmp_path))
+    position = {bytes(img.numpy()): i for i, img in enumerate(images)}
+    assert len(position) == 50, "the written images are distinct"
+    assert [position[bytes(img.numpy())] for img in data.train.images] == list(range(25))
+    assert [position[bytes(img.numpy())] for img in data.valid.images] == list(range(25, 50))
+    assert torch.equal(data.valid.labels, labels[25:])
     x, y = next(iter(data.train))
     assert x.shape == (8, 3, 32, 32) and data.info.num_classes == 10
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from entrannas.bench import OpCounter
-from entrannas.evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
+from entrannas.evalnet import EvalCell, NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters, drop_path
 from entrannas.genotype import Genotype
 from entrannas.zoo import ZOO
 
@@ -95,6 +95,29 @@ def test_drop_path_acts_only_in_training():
     eval_clean = net(x)[0]
     net.drop_path_prob = 0.5
     assert torch.equal(net(x)[0], eval_clean)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
+    """DARTS' drop_path: each sample of a path is either all zero or divided by the keep
+    probability, so the path's expected value is unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 4, 4) + 5.0   # no zero entries
+    out = drop_path(x, 0.25)
+    dropped = (out == 0).flatten(1).all(dim=1)
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.75)
+    assert 0.1 < dropped.float().mean() < 0.4
+
+
+def test_drop_path_leaves_skip_connections_alone():
+    """DARTS drops every op of a node but the identity: a cell whose nodes are all skip connections
+    computes the same in training with any drop-path probability."""
+    skips = [[("skip_connect", 1), ("skip_connect", 0)]] * 4
+    convs = [[("sep_conv_3x3", 1), ("skip_connect", 0)]] * 4
+    for nodes, same in ((skips, True), (convs, False)):
+        torch.manual_seed(0)
+        cell = EvalCell(nodes, [2, 3, 4, 5], 6, 6, 6, reduction=False, reduction_prev=False).train()
+        s0, s1 = torch.randn(8, 6, 4, 4), torch.randn(8, 6, 4, 4)
+        assert torch.equal(cell(s0, s1, 0.9), cell(s0, s1, 0.0)) == same
 
 
 def test_auxiliary_head_only_in_training():

@@ -72,3 +72,55 @@ def test_factorized_reduce_is_two_offset_strided_convs(size, channels_last):
         results.append((out, *grads))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def _square(offsets) -> set[tuple[int, int]]:
+    return {(a, b) for a in offsets for b in offsets}
+
+
+#: The input pixels (offsets from the output pixel) each op reads at stride 1, from the DARTS layer
+#: definitions: a k x k kernel with dilation d reaches d * (-(k // 2) .. k // 2); sep_conv stacks
+#: two k x k convs, so it reaches twice as far; conv_7x1_1x7 is a 1x7 then a 7x1.
+REACH = {
+    "skip_connect": _square([0]),
+    "max_pool_3x3": _square(range(-1, 2)),
+    "avg_pool_3x3": _square(range(-1, 2)),
+    "sep_conv_3x3": _square(range(-2, 3)),
+    "sep_conv_5x5": _square(range(-4, 5)),
+    "sep_conv_7x7": _square(range(-6, 7)),
+    "dil_conv_3x3": _square(range(-2, 3, 2)),
+    "dil_conv_5x5": _square(range(-4, 5, 2)),
+    "conv_7x1_1x7": _square(range(-3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REACH))
+def test_each_op_reads_the_pixels_its_darts_definition_reads(name):
+    """Which input pixels change the centre output pixel: one input per pixel of a 17x17 image,
+    that pixel raised. Positive inputs and weights, and BN in eval mode (per sample), so no ReLU
+    or cancellation hides a pixel. Kernel size, padding and dilation each change the set."""
+    assert set(REACH) == set(OPS) - {"none"}
+    op = build_op(name, C=2, stride=1, affine=False).double().eval()
+    with torch.no_grad():
+        for p in op.parameters():
+            p.abs_().add_(0.1)
+    size, centre = 17, 8
+    base = torch.rand(1, 2, size, size, dtype=torch.double) + 1.0
+    raised = base.repeat(size * size, 1, 1, 1)
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    raised[torch.arange(size * size), :, rows.flatten(), cols.flatten()] += 10.0
+    with torch.no_grad():
+        out = op(torch.cat([base, raised]))[:, :, centre, centre]
+    changed = (out[1:] - out[0]).abs().amax(dim=1) > 1e-9
+    reached = {(r - centre, c - centre)
+               for r, c in zip(rows.flatten()[changed].tolist(), cols.flatten()[changed].tolist())}
+    assert reached == REACH[name]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_avg_pool_averages_only_the_pixels_inside_the_image(stride):
+    """DARTS pools with count_include_pad=False: a constant image stays constant at the border too
+    (padding counted, a corner would be 4/9 of it)."""
+    x = torch.full((1, 2, 5, 5), 3.0)
+    out = build_op("avg_pool_3x3", 2, stride)(x)
+    torch.testing.assert_close(out, torch.full_like(out, 3.0))

@@ -29,8 +29,12 @@ def test_summary_means_stds_counts_and_failed_trials():
         {"setting:lambda_": 0.1, "seed": 2, "valid_error": 0.60},
         {"setting:lambda_": 0.5, "seed": 0, "valid_error": 0.30},
         {"setting:lambda_": 0.5, "seed": 1, "valid_error": None, "status": "failed", "error": "boom"},
+        {"setting:lambda_": 0.9, "seed": 0, "valid_error": None, "status": "diverged", "error": "loss is nan"},
+        {"setting:lambda_": 0.9, "seed": 1, "valid_error": 0.4, "status": "running"},
     ])
     s = summarize(df, ["lambda_"]).set_index("lambda_")
+    assert (s.loc[0.9, "n_trials"], s.loc[0.9, "n_failed"], s.loc[0.9, "n_running"]) == (2, 1, 1), \
+        "a diverged trial counts as failed"
     assert s.loc[0.1, "valid_error_mean"] == pytest.approx(0.3)
     assert s.loc[0.1, "valid_error_std"] == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
     assert s.loc[0.1, "valid_error_n"] == 3 and s.loc[0.1, "n_failed"] == 0
@@ -96,6 +100,15 @@ def test_a_table_by_a_setting_leaves_out_a_row_that_would_mix_configurations(tmp
     ticks = [t.get_text() for name, _, fig in saved if name == "lambda_error_cost"
              for t in fig.axes[0].get_xticklabels()]
     assert ticks == ["0.0", "0.5"], "the figures leave out what the table does"
+    curves = {}
+    for name in ("learning_curves", "trajectories"):
+        monkeypatch.setattr(plots, name, lambda epochs, key, name=name: curves.setdefault(name, epochs))
+    # t4 of another experiment is another trial: it stays
+    epochs = pd.DataFrame({"experiment": ["e"] * 8 + ["other"], "trial_id": [*df["trial_id"], "t4"], "epoch": 0})
+    report._figures_for(df.assign(experiment="e"), epochs, "lambda_")
+    kept = [("e", "t0"), ("e", "t1"), ("e", "t2"), ("e", "t3"), ("other", "t4")]
+    assert {name: list(zip(f["experiment"], f["trial_id"])) for name, f in curves.items()} == \
+        {"learning_curves": kept, "trajectories": kept}, "the per-epoch figures leave out the same trials"
 
     # --group-by a setting no trial gives a value: every trial is left out, and the page says so
     unset = df.assign(**{"setting:lambda_": None})

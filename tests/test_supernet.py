@@ -158,6 +158,36 @@ def test_bottleneck_runs_ops_on_fewer_channels():
     assert tiny_net(mode="entrannas", bottleneck_ratio=1).cells[0].squeeze is None
 
 
+@pytest.mark.parametrize("layers, reductions", [(8, (2, 5)), (5, (1, 3))])
+def test_reduction_cells_sit_at_one_and_two_thirds_of_the_depth(layers, reductions):
+    """SPEC 1: reductions at layers // 3 and 2 * layers // 3, where the resolution halves and the
+    channels double; the config's list (placement, the bench) agrees with the net."""
+    config = tiny_config(mode="entrannas", layers=layers)
+    net = tiny_net(mode="entrannas", layers=layers)
+    assert tuple(config.reduction_cells()) == reductions
+    assert [cell.reduction for cell in net.cells] == [i in reductions for i in range(layers)]
+    shapes = []
+    for cell in net.cells:
+        cell.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape[1:])))
+    net(torch.randn(2, 1, 8, 8))
+    C, size, expected = 4, 8, []
+    for i in range(layers):
+        if i in reductions:
+            C, size = 2 * C, size // 2
+        expected.append((4 * C, size, size))   # 4 nodes concatenated
+    assert shapes == expected
+
+
+def test_search_cells_normalise_without_affine_parameters():
+    """SPEC 1: in search every BN of a cell is affine=False (DARTS), the pools' added BNs and the
+    bottleneck's included: a cell's only weights are convolutions."""
+    net = tiny_net(mode="dst", bottleneck_ratio=2, init_channels=8)
+    norms = [m for cell in net.cells for m in cell.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.affine for m in norms)
+    assert {type(m) for cell in net.cells for m in cell.modules() if list(m.parameters(recurse=False))} \
+        == {torch.nn.Conv2d}
+
+
 def capture_cells(net):
     """Run each cell on detached inputs, so a cell's output depends on alpha only through itself."""
     outs = {}

@@ -1,11 +1,13 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from entrannas.cli import main
 from entrannas.config import EvalConfig
 from entrannas.search import Search
-from entrannas.train import Evaluation, evaluate
+from entrannas.train import Evaluation, evaluate, training_loss
 from entrannas.zoo import ZOO
 
 from conftest import tiny_config
@@ -19,6 +21,17 @@ def test_recipes_are_the_darts_defaults():
     assert (cifar.auxiliary, cifar.auxiliary_weight, cifar.drop_path_prob, cifar.cutout) == (True, 0.4, 0.2, 16)
     assert (cifar.weight_decay, cifar.grad_clip, cifar.lr_schedule) == (3e-4, 5.0, "cosine")
     assert EvalConfig(dataset="synthetic", epochs=30, layers=8).resolve().epochs == 30, "overridable"
+
+
+def test_the_training_loss_adds_the_auxiliary_heads_at_its_weight():
+    gen = torch.Generator().manual_seed(0)
+    logits, aux = torch.randn(6, 10, generator=gen), torch.randn(6, 10, generator=gen)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    config = EvalConfig(dataset="synthetic", label_smoothing=0.1).resolve()   # auxiliary_weight 0.4
+    plain = F.cross_entropy(logits, y, label_smoothing=0.1)
+    extra = F.cross_entropy(aux, y, label_smoothing=0.1)
+    torch.testing.assert_close(training_loss(logits, aux, y, config), plain + 0.4 * extra)
+    torch.testing.assert_close(training_loss(logits, None, y, config), plain)
 
 
 @pytest.mark.slow

@@ -1,0 +1,381 @@
+"""Mutation audit: does every equation of SPEC.md have a test that fails when it is wrong?
+
+    python tests/mutants.py [--only ID ...] [--list] [--no-baseline] [--timeout S] [--out FILE.json]
+
+Each mutant below changes one rule the way a plausible bug would (a wrong sign, the wrong axis, a
+normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the fast
+paths (they compute what the eager path does) and the ablation tables. For each, a copy of the
+working tree gets the edit, and pytest runs the test files that guard that rule (not the slow ones,
+stopping at the first failure) with the copy first on ``sys.path``. A mutant is *killed* when a test fails, and
+*survives* when every test passes: then nothing checks that rule. First the unmutated copy must pass
+the same files (the baseline), or the audit means nothing. Prints JSON (per mutant: the result, the
+first failing test, seconds) and a short table; exit status 1 if a mutant survives (or its tests could
+not run), 2 if the audit cannot start.
+
+Every edit's text must occur exactly once in its file; a mutant whose text has gone (the code was
+changed) is reported before anything runs. Mutants that compute the same thing by another route
+(equivalent mutants, such as a DST Engine-cell computing its zero-weighted ops) are not listed:
+they cannot be killed, and SPEC allows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    spec: str                                   # the rule it breaks, as SPEC.md numbers it
+    what: str
+    edits: tuple[tuple[str, str, str], ...]     # (file, text, replacement)
+    tests: tuple[str, ...]
+
+
+def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(id, spec, what, ((path, old, new),), tests)
+
+
+DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "entrannas/bilevel.py"
+T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
+T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
+#: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
+T_CAPTURE = tuple(f"tests/test_compiled.py::test_{name}" for name in (
+    "capture_records_a_hot_structure_and_keeps_the_most_recently_used",
+    "capture_records_each_kind_of_pass_and_frozen_weights_are_another_kind",
+    "training_and_evaluation_mode_are_recorded_apart", "moving_the_net_forgets_its_recordings",
+    "recorded_passes_give_the_eager_search_even_where_their_buffers_alias_the_gradients",
+    "auto_transit_follows_the_sparse_search_while_the_structure_churns"))
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- SPEC 1: the search space
+    _m("ops-dil-conv-dilation", "1", "dil_conv_3x3 with dilation 1 (same weights, other receptive field)",
+       "entrannas/ops.py", "DilConv(C, C, 3, stride, 2, 2, affine)", "DilConv(C, C, 3, stride, 1, 1, affine)",
+       T_OPS, T_EVAL),
+    _m("ops-avg-pool-counts-padding", "1", "avg_pool_3x3 divides by 9 at the border (count_include_pad)",
+       "entrannas/ops.py", "AvgPool(3, stride=stride, padding=1, count_include_pad=False)",
+       "AvgPool(3, stride=stride, padding=1, count_include_pad=True)", T_OPS, T_EVAL),
+    _m("ops-sep-conv-once", "1", "sep_conv applies its depthwise-pointwise pair once, not twice",
+       "entrannas/ops.py", "            DilConv(C_in, C_out, kernel, 1, padding, 1, affine),\n", "", T_OPS, T_EVAL),
+    _m("ops-factorized-reduce-offset", "1", "FactorizedReduce's second conv reads the same pixels as the first",
+       "entrannas/ops.py", "F.pad(self.conv_2.weight, (1, 0, 1, 0))", "F.pad(self.conv_2.weight, (0, 1, 0, 1))",
+       T_OPS),
+    _m("ops-search-pool-no-bn", "1", "search pools without their BatchNorm(affine=False)",
+       "entrannas/ops.py", 'if search and name.endswith("pool_3x3"):', 'if False and name.endswith("pool_3x3"):',
+       T_OPS, T_SUPERNET),
+    _m("search-bn-affine", "1", "search ops with affine BatchNorm",
+       SUPERNET, "2 if reduction and i < N_INPUTS else 1, affine=False,",
+       "2 if reduction and i < N_INPUTS else 1, affine=True,", T_SUPERNET),
+    _m("search-one-reduction", "1", "the super-net reduces once, at 1/3 depth only",
+       SUPERNET, "reductions = (spec.layers // 3, 2 * spec.layers // 3)", "reductions = (spec.layers // 3,)",
+       T_SUPERNET),
+    # -- SPEC 2: Engine-cells, Transit-cells, temperature, the top-2 rule
+    _m("eq5-tau-multiplies", "2, Eq. 5", "softmax(alpha * tau) for softmax(alpha / tau)",
+       DERIVE, "return F.softmax(alpha / tau, dim=-1)", "return F.softmax(alpha * tau, dim=-1)", T_DERIVE),
+    _m("eq5-wrong-axis", "2, Eq. 5", "softmax over the edges instead of the ops",
+       DERIVE, "return F.softmax(alpha / tau, dim=-1)", "return F.softmax(alpha / tau, dim=0)", T_DERIVE),
+    _m("eq6-engine-no-gradient", "2, Eq. 6", "Engine-cell coefficients detached from alpha",
+       SUPERNET, "coef = w[plan.rows, plan.cols]\n", "coef = w[plan.rows, plan.cols].detach()\n",
+       T_SUPERNET, T_BILEVEL),
+    _m("eq3-transit-weighted", "2, Eq. 3", "Transit-cells weight their ops by p (not a plain sum)",
+       SUPERNET, "            else:\n                coef = None\n",
+       "            else:\n                coef = w[plan.rows, plan.cols]\n", T_SUPERNET),
+    _m("transit-stale-architecture", "2", "Transit-cells keep the first derived architecture",
+       SUPERNET, "if self._structure is not None and self._structure[0] == key:",
+       "if self._structure is not None:", T_SUPERNET),
+    _m("transit-ignores-tau", "2", "a new tau does not re-derive the architecture",
+       SUPERNET, "return ((self.tau, device, self._arch_updates)", "return ((device, self._arch_updates)",
+       T_SUPERNET),
+    _m("placement-first", "2", "the default placement takes the last reduction cell",
+       "entrannas/config.py", "return {normals[0], reductions[0]}", "return {normals[0], reductions[-1]}",
+       "tests/test_cli.py::test_yaml_numbers_and_dataset_defaults"),
+    _m("tau-constant-ends", "2", "constant schedule at tau_end", "entrannas/temperature.py",
+       "return float(tau_start)", "return float(tau_end)", T_DERIVE),
+    _m("tau-linear-reversed", "2", "linear schedule from tau_end to tau_start", "entrannas/temperature.py",
+       "return tau_start + (tau_end - tau_start) * frac", "return tau_end + (tau_start - tau_end) * frac",
+       T_DERIVE),
+    _m("tau-short-of-end", "2", "schedules reach tau_end one epoch after the last", "entrannas/temperature.py",
+       "epoch / max(epochs - 1, 1)", "epoch / max(epochs, 1)", T_DERIVE),
+    _m("tau-exponential-curve", "2", "exponential schedule with the wrong exponent", "entrannas/temperature.py",
+       "tau_start * (tau_end / tau_start) ** frac", "tau_start * (tau_end / tau_start) ** (frac ** 2)", T_DERIVE),
+    _m("tau-cosine-reversed", "2", "cosine schedule rising", "entrannas/temperature.py",
+       "(1.0 + math.cos(math.pi * frac))", "(1.0 - math.cos(math.pi * frac))", T_DERIVE),
+    _m("eq4-none-counts", "2, Eq. 4", "the top-2 rule lets `none` score an edge",
+       DERIVE, 'scored[:, list(primitives).index("none")] = float("-inf")', "pass", T_DERIVE, T_SUPERNET),
+    _m("eq4-top1", "2, Eq. 4", "one input per node instead of two",
+       DERIVE, "n_inputs: int = 2, k: int = 2)", "n_inputs: int = 2, k: int = 1)", T_DERIVE, T_SUPERNET),
+    _m("eq4-weakest-edges", "2, Eq. 4", "the two weakest edges kept",
+       DERIVE, "order = torch.sort(edge_score, descending=True, stable=True).indices",
+       "order = torch.sort(edge_score, descending=False, stable=True).indices", T_DERIVE),
+    _m("eq4-argmin-op", "2, Eq. 4", "the weakest op of a kept edge",
+       DERIVE, "edge_score, edge_op = scored.max(dim=1)",
+       "edge_score, edge_op = scored.max(dim=1).values, scored.masked_fill(scored.isinf(), 9e9).argmin(dim=1)",
+       T_DERIVE),
+    _m("log-p-without-normaliser", "2, Eq. 4", "edges ranked by alpha's lead over the edge's own max",
+       DERIVE, "return rel - torch.log1p(others)", "return rel", T_DERIVE, T_SUPERNET),
+    _m("dst-engine-uses-p", "4, Eq. 10", "DST Engine-cells weighted by p, not q_hat",
+       SUPERNET, 'if self.spec.mode == "dst":\n                out.append(derive.dst_coefficients',
+       'if False:\n                out.append(derive.dst_coefficients', T_SUPERNET),
+    # -- SPEC 3: feature sharing
+    _m("sharing-ignored", "3", "ops always per edge, sharing or not",
+       SUPERNET, "sources = (range(n_sources) if sharing", "sources = (range(n_sources) if False", T_SUPERNET),
+    _m("sharing-last-node-feeds", "3", "op instances for the last node, which feeds none",
+       SUPERNET, "n_sources = N_INPUTS + n_nodes - 1", "n_sources = N_INPUTS + n_nodes", T_SUPERNET),
+    # -- SPEC 4: DST
+    _m("eq7-per-edge-max", "4, Eq. 7", "p normalised by its edge's max, not its node's",
+       DERIVE, "p_hat = p / node_max[node_of_edge, None]", "p_hat = p / p.amax(dim=1, keepdim=True)", T_DERIVE),
+    _m("eq7-left-out", "4, Eq. 7", "no connection normalisation",
+       DERIVE, "p_hat = p / node_max[node_of_edge, None]", "p_hat = p", T_DERIVE),
+    _m("eq8-minus-beta", "4, Eq. 8", "t = sigmoid(-beta)",
+       DERIVE, "t = torch.sigmoid(beta).clamp(max=MAX_THRESHOLD)", "t = torch.sigmoid(-beta).clamp(max=MAX_THRESHOLD)",
+       T_DERIVE, T_BILEVEL),
+    _m("eq8-other-nodes-threshold", "4, Eq. 8", "each node cut by another node's threshold",
+       DERIVE, "q = F.relu(p_hat - t[node_of_edge, None])", "q = F.relu(p_hat - t.flip(0)[node_of_edge, None])",
+       T_DERIVE),
+    _m("eq8-hard-cut", "4, Eq. 8", "p_hat kept where above t, not relu(p_hat - t)",
+       DERIVE, "q = F.relu(p_hat - t[node_of_edge, None])", "q = p_hat * (p_hat > t[node_of_edge, None])", T_DERIVE),
+    _m("eq9-left-out", "4, Eq. 9", "no operation normalisation",
+       DERIVE, "return q / total.clamp_min(torch.finfo(q.dtype).tiny)", "return q", T_DERIVE),
+    _m("eq9-per-node", "4, Eq. 9", "q normalised over the node, not the edge",
+       DERIVE, "total = q.sum(dim=1, keepdim=True)",
+       "total = q.new_zeros(n_nodes).index_add(0, node_of_edge, q.sum(dim=1))[node_of_edge, None]", T_DERIVE),
+    _m("eq10-keeps-zeros", "4, Eq. 10", "the derived set keeps ops with q_hat = 0",
+       DERIVE, "return q_hat.detach() > 0", "return q_hat.detach() >= 0", T_DERIVE, T_SUPERNET),
+    _m("eq11-sum", "4, Eq. 11", "the regulariser sums over nodes instead of averaging",
+       DERIVE, "return F.softplus(-beta).mean()", "return F.softplus(-beta).sum()", T_DERIVE, T_BILEVEL),
+    _m("eq11-wrong-sign", "4, Eq. 11", "-log(1 - t) for -log t",
+       DERIVE, "return F.softplus(-beta).mean()", "return F.softplus(beta).mean()", T_DERIVE, T_BILEVEL),
+    _m("eq11-normal-cell-only", "4, Eq. 11", "the regulariser over the normal cell's nodes only",
+       BILEVEL, "torch.cat([m.beta_normal, m.beta_reduce])", "m.beta_normal", T_BILEVEL),
+    _m("eq11-lambda-dropped", "4, Eq. 11", "lambda ignored",
+       BILEVEL, 'self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0', "self.lambda_ = 0.0",
+       T_BILEVEL),
+    # -- SPEC 5: the bottleneck
+    _m("bottleneck-full-width", "5", "ops on C channels whatever the ratio",
+       SUPERNET, "C_op = C // ratio", "C_op = C", T_SUPERNET),
+    _m("bottleneck-ratio-unchecked", "5", "a ratio that does not divide the channels is accepted",
+       "entrannas/config.py", "if channels % self.bottleneck_ratio:", "if False:", "tests/test_cli.py"),
+    # -- SPEC 6: optimisation
+    _m("arch-step-on-train", "6", "the arch step on the weights' batch",
+       BILEVEL, "loss, _ = self.frozen_arch_loss(*valid_batch)", "loss, _ = self.frozen_arch_loss(*train_batch)",
+       T_BILEVEL),
+    _m("weight-step-on-valid", "6", "the weight step on the arch's batch",
+       BILEVEL, 'out["train_correct"] = self.weight_step(train_batch)',
+       'out["train_correct"] = self.weight_step(valid_batch)', T_BILEVEL),
+    _m("weight-grad-unclipped", "6", "the weight step without gradient clipping",
+       BILEVEL, "if self.config.grad_clip > 0:", "if False:", T_BILEVEL),
+    _m("arch-adam-default-betas", "6", "the arch optimiser with Adam's default betas, not (0.5, 0.999)",
+       BILEVEL, "betas=(config.arch_beta1, config.arch_beta2)", "betas=(0.9, 0.999)", T_BILEVEL, T_DERIVE,
+       "tests/test_cli.py"),
+    _m("split-overlaps", "6", "the arch half is the weights' half",
+       "entrannas/data.py", "valid = TensorBatches(images[n - n_valid:], labels[n - n_valid:]",
+       "valid = TensorBatches(images[:n_valid], labels[:n_valid]", "tests/test_data.py"),
+    _m("warmup-one-epoch-long", "6", "arch updates start an epoch after the warm-up",
+       "entrannas/search.py", "update_arch = self.epoch >= c.arch_warmup_epochs",
+       "update_arch = self.epoch > c.arch_warmup_epochs", "tests/test_search.py"),
+    _m("unrolled-hessian-sign", "6", "second order: the Hessian term added",
+       BILEVEL, "a.grad = g - xi * hessian_term / (2 * eps)", "a.grad = g + xi * hessian_term / (2 * eps)",
+       T_BILEVEL),
+    _m("unrolled-one-sided", "6", "second order: the central difference over eps, not 2 eps",
+       BILEVEL, "a.grad = g - xi * hessian_term / (2 * eps)", "a.grad = g - xi * hessian_term / eps", T_BILEVEL),
+    _m("unrolled-no-momentum", "6", "second order: the virtual step forgets the momentum",
+       BILEVEL, 'moment = self.config.momentum * buf if buf is not None else 0.0', "moment = 0.0", T_BILEVEL),
+    _m("unrolled-no-weight-decay", "6", "second order: the virtual step forgets the weight decay",
+       BILEVEL, "step = moment + (g if g is not None else 0.0) + self.config.weight_decay * w",
+       "step = moment + (g if g is not None else 0.0)", T_BILEVEL),
+    # -- SPEC 7: genotypes
+    _m("darts-notation-three-per-node", "7", "DARTS notation read three pairs per node",
+       "entrannas/genotype.py", "return [pairs[i:i + 2] for i in range(0, len(pairs), 2)]",
+       "return [pairs[i:i + 3] for i in range(0, len(pairs), 3)]", T_GENO),
+    # -- SPEC 8: the evaluation network
+    _m("eval-concat-all", "8", "every node concatenated, whatever the genotype's concat",
+       "entrannas/evalnet.py", "return torch.cat([states[i] for i in self.concat], dim=1)",
+       "return torch.cat(states[2:], dim=1)", T_EVAL),
+    _m("eval-aux-head-early", "8", "the auxiliary head at 1/3 depth",
+       "entrannas/evalnet.py", "if index == 2 * self._layers // 3 and", "if index == self._layers // 3 and", T_EVAL),
+    _m("drop-path-unscaled", "8", "drop-path without rescaling the kept samples",
+       "entrannas/evalnet.py", "return x / keep * mask", "return x * mask", T_EVAL),
+    _m("drop-path-on-identity", "8", "drop-path on skip connections too",
+       "entrannas/evalnet.py", "if self.training and drop_prob > 0 and not isinstance(op, nn.Identity):",
+       "if self.training and drop_prob > 0:", T_EVAL),
+    _m("drop-path-not-ramped", "8", "the full drop-path probability from the first epoch",
+       "entrannas/train.py", "model.drop_path_prob = c.drop_path_prob * self.epoch / c.epochs",
+       "model.drop_path_prob = c.drop_path_prob", "tests/test_train.py"),
+    _m("aux-weight-ignored", "8", "the auxiliary loss at weight 1",
+       "entrannas/train.py", "loss = loss + config.auxiliary_weight * F.cross_entropy(",
+       "loss = loss + F.cross_entropy(", "tests/test_train.py"),
+    # -- the ablation tables report what the trials measured (mean and spread over seeds)
+    _m("table-population-std", "results", "the spread over seeds as the population sd (ddof=0)",
+       "results/tables.py", "series.std(ddof=1)", "series.std(ddof=0)", "tests/test_results.py"),
+    _m("table-failed-as-zero", "results", "a failed trial's missing error averaged in as 0",
+       "results/tables.py", 'series = pd.to_numeric(group[v], errors="coerce").dropna()',
+       'series = pd.to_numeric(group[v], errors="coerce").fillna(0)', "tests/test_results.py"),
+    _m("table-diverged-not-failed", "results", "diverged trials not counted as failed",
+       "results/tables.py", 'group["status"].isin(["failed", "diverged"])', 'group["status"].isin(["failed"])',
+       "tests/test_results.py"),
+    _m("gpu-hours-whole-gpus", "results", "GPU-hours as if each trial held a whole GPU",
+       "results/collect.py", "((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600",
+       "((search_s or 0) + (eval_s or 0)) / 3600", "tests/test_results.py"),
+    # -- the fast paths compute what the plain eager path does (the performance issue)
+    _m("channels-last-mix-transposed", "fast path", "an Engine-cell's mix in channels_last swaps H and W",
+       SUPERNET, ".permute(0, 1, 4, 2, 3)", ".permute(0, 1, 4, 3, 2)", T_SUPERNET),
+    _m("transit-group-first-op", "fast path", "a Transit-cell's per-source partial sum keeps its first op",
+       SUPERNET, "partial[g] = functools.reduce(torch.add, (features[slot, k] for k in ks))",
+       "partial[g] = features[slot, ks[0]]", T_SUPERNET),
+    _m("masked-transit-normal-mask", "fast path", "masked reduction Transit-cells weighted by the normal mask",
+       SUPERNET, "coef = masks[1 if cell.reduction else 0][plan.rows, plan.cols].to(w.dtype)",
+       "coef = masks[0][plan.rows, plan.cols].to(w.dtype)", T_SUPERNET, *T_CAPTURE),
+    _m("masked-keeps-zero-gradients", "fast path", "masked Transit-cells leave zero gradients SGD then applies",
+       SUPERNET, "        for p in unused:\n            p.grad = None", "        for p in unused:\n            pass",
+       T_SUPERNET, *T_CAPTURE),
+    _m("graph-ignores-frozen-weights", "fast path",
+       "a recorded pass reused whether or not the weights require gradients",
+       "entrannas/compiled.py", "return super().kind(args) + (tuple(p.requires_grad for p in self._params), ",
+       "return super().kind(args) + (", *T_CAPTURE),
+    _m("graph-for-any-structure", "fast path", "the first recorded structure's graphs run for every structure",
+       "entrannas/compiled.py", "passes = self._graphs.get(structure.key)",
+       "passes = next(iter(self._graphs.values()), None)", *T_CAPTURE),
+)
+
+
+#: what can become of a mutant: "error" is a pytest run that could not test it (see ``audit``)
+RESULTS = ("killed", "survived", "timeout", "error")
+
+
+def check_edits(mutants) -> list[str]:
+    """Mutants whose text is not in their file exactly once (the code has changed since)."""
+    problems = []
+    for m in mutants:
+        for path, old, _ in m.edits:
+            count = (ROOT / path).read_text().count(old)
+            if count != 1:
+                problems.append(f"{m.id}: {path} holds its text {count} times, not once: {old!r}")
+    return problems
+
+
+def tracked_copy(dest: Path) -> None:
+    """The working tree's files that git tracks or would (not the ignored ones) under ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(tree: Path, tests, timeout: float) -> dict:
+    """pytest on ``tests`` in ``tree``, its packages imported from there, stopping at the first failure."""
+    path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "failed": None, "seconds": round(time.perf_counter() - start, 1), "tail": ""}
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, flags=re.M)
+    return {"rc": proc.returncode, "failed": failed[0] if failed else None,
+            "seconds": round(time.perf_counter() - start, 1), "tail": proc.stdout[-1500:]}
+
+
+def imports_from(tree: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run([sys.executable, "-c", "import entrannas; print(entrannas.__file__)"], cwd=tree, env=env,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def audit(mutant: Mutant, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as tmp:
+        tree = Path(tmp)
+        tracked_copy(tree)
+        for path, old, new in mutant.edits:
+            target = tree / path
+            target.write_text(target.read_text().replace(old, new, 1))
+        out = run_tests(tree, mutant.tests, timeout)
+    # pytest: 0 = all passed, 1 = a test failed, 2 = interrupted (an error while collecting: the mutant
+    # broke an import); 3-5 (internal error, bad arguments, no tests) mean the audit named tests wrongly
+    result = {None: "timeout", 0: "survived", 1: "killed", 2: "killed"}.get(out["rc"], "error")
+    killed_by = out["failed"] if out["rc"] != 2 or not out["failed"] else f"{out['failed']} (collecting)"
+    return {"id": mutant.id, "spec": mutant.spec, "what": mutant.what, "tests": list(mutant.tests),
+            "result": result, "killed_by": killed_by, "pytest_rc": out["rc"], "seconds": out["seconds"],
+            **({"tail": out["tail"]} if result == "survived" or out["rc"] not in (0, 1) else {})}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'mutant':<30} {'SPEC':<10} {'result':<9} {'s':>6}  first failing test"]
+    for r in rows:
+        lines.append(f"{r['id']:<30} {r['spec']:<10} {r['result']:<9} {r['seconds']:>6.1f}  {r['killed_by'] or '-'}")
+    counts = {k: sum(r["result"] == k for r in rows) for k in RESULTS}
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(rows)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="ID", help="these mutants only")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    mutants = list(MUTANTS)
+    if args.only:
+        unknown = sorted(set(args.only) - {m.id for m in MUTANTS})
+        if unknown:
+            p.error(f"--only: no mutant {', '.join(unknown)}; --list shows them")
+        mutants = [m for m in MUTANTS if m.id in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<30} SPEC {m.spec:<10} {m.what}")
+        return 0
+    problems = check_edits(mutants)
+    if problems:
+        print("stale mutants (update them to the code):\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+
+    doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
+    if not args.no_baseline:
+        tests = sorted({t for m in mutants for t in m.tests})
+        with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+            tracked_copy(Path(tmp))
+            imported = imports_from(Path(tmp))
+            if not imported.startswith(str(Path(tmp).resolve())) and not imported.startswith(tmp):
+                print(f"the copy's tests would import entrannas from {imported}, not the copy", file=sys.stderr)
+                return 2
+            base = run_tests(Path(tmp), tests, args.timeout)
+        doc["baseline"] = {"tests": tests, "pytest_rc": base["rc"], "seconds": base["seconds"]}
+        print(f"baseline: {' '.join(tests)}: rc {base['rc']}, {base['seconds']} s", file=sys.stderr)
+        if base["rc"] != 0:
+            print(base["tail"], file=sys.stderr)
+            print("the unmutated tree fails these tests: fix that first", file=sys.stderr)
+            return 2
+    rows = []
+    for m in mutants:
+        rows.append(audit(m, args.timeout))
+        r = rows[-1]
+        print(f"{r['id']}: {r['result']} ({r['killed_by'] or '-'}, {r['seconds']} s)", file=sys.stderr)
+    doc["mutants"] = rows
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    print(table(rows), file=sys.stderr)
+    return 1 if any(r["result"] in ("survived", "error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
