@@ -49,6 +49,7 @@ def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str
 
 
 DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "entrannas/bilevel.py"
+DATA, T_DATA = "entrannas/data.py", "tests/test_data.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
 #: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
@@ -101,6 +102,8 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("placement-first", "2", "the default placement takes the last reduction cell",
        "entrannas/config.py", "return {normals[0], reductions[0]}", "return {normals[0], reductions[-1]}",
        "tests/test_cli.py::test_yaml_numbers_and_dataset_defaults"),
+    _m("placement-no-reduce-engine", "2", "a placement with no reduction Engine-cell is accepted",
+       "entrannas/config.py", "if not engines & reductions:", "if False:", "tests/test_cli.py"),
     _m("tau-constant-ends", "2", "constant schedule at tau_end", "entrannas/temperature.py",
        "return float(tau_start)", "return float(tau_end)", T_DERIVE),
     _m("tau-linear-reversed", "2", "linear schedule from tau_end to tau_start", "entrannas/temperature.py",
@@ -180,8 +183,8 @@ MUTANTS: tuple[Mutant, ...] = (
        BILEVEL, "betas=(config.arch_beta1, config.arch_beta2)", "betas=(0.9, 0.999)", T_BILEVEL, T_DERIVE,
        "tests/test_cli.py"),
     _m("split-overlaps", "6", "the arch half is the weights' half",
-       "entrannas/data.py", "valid = TensorBatches(images[n - n_valid:], labels[n - n_valid:]",
-       "valid = TensorBatches(images[:n_valid], labels[:n_valid]", "tests/test_data.py"),
+       DATA, "valid = TensorBatches(images[n - n_valid:], labels[n - n_valid:]",
+       "valid = TensorBatches(images[:n_valid], labels[:n_valid]", T_DATA),
     _m("warmup-one-epoch-long", "6", "arch updates start an epoch after the warm-up",
        "entrannas/search.py", "update_arch = self.epoch >= c.arch_warmup_epochs",
        "update_arch = self.epoch > c.arch_warmup_epochs", "tests/test_search.py"),
@@ -216,6 +219,22 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("aux-weight-ignored", "8", "the auxiliary loss at weight 1",
        "entrannas/train.py", "loss = loss + config.auxiliary_weight * F.cross_entropy(",
        "loss = loss + F.cross_entropy(", "tests/test_train.py"),
+    _m("crop-padding-2", "8", "random crops of the image padded by 2, not 4", DATA,
+       "CROP_PADDING = 4", "CROP_PADDING = 2", T_DATA),
+    _m("flip-never", "8", "the batches never mirrored", DATA,
+       "flips = (torch.rand(n, generator=gen) < 0.5)", "flips = (torch.rand(n, generator=gen) < 0.0)",
+       T_DATA),
+    _m("search-data-unaugmented", "6", "the search's CIFAR batches without crops and flips", DATA,
+       "shuffle=True,\n                          seed=config.seed, augment=augment)\n    valid",
+       "shuffle=True,\n                          seed=config.seed, augment=None)\n    valid", T_DATA),
+    _m("eval-data-unaugmented", "8", "the evaluation's CIFAR batches without crops and flips", DATA,
+       "augment=augment, cutout=config.cutout)", "augment=None, cutout=config.cutout)", T_DATA),
+    _m("crop-offsets-swapped", "8", "random crop reads its row offset as the column's",
+       DATA, "rows = (offsets[0, :, None] + torch.arange(H", "rows = (offsets[1, :, None] + torch.arange(H", T_DATA),
+    _m("flip-ignored", "8", "random crop never mirrors", DATA,
+       "cols = torch.where(flips[:, None], cols.flip(1), cols)", "cols = cols", T_DATA),
+    _m("cutout-centre-transposed", "8", "cutout's square centred at (column, row)", DATA,
+       "cy, cx = centers[0], centers[1]", "cy, cx = centers[1], centers[0]", T_DATA),
     # -- the ablation tables report what the trials measured (mean and spread over seeds)
     _m("table-population-std", "results", "the spread over seeds as the population sd (ddof=0)",
        "results/tables.py", "series.std(ddof=1)", "series.std(ddof=0)", "tests/test_results.py"),

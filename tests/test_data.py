@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from entrannas.data import (build_search_data, cutout, load_arrays, load_digits_arrays, random_crop_flip,
-                            split_per_class)
+from entrannas.config import EvalConfig
+from entrannas.data import (build_eval_data, build_search_data, cutout, load_arrays, load_digits_arrays,
+                            random_crop_flip, split_per_class)
 
 from conftest import tiny_config
 
@@ -52,6 +53,33 @@ def test_cifar_search_split_halves_the_training_set(tmp_path):
     assert x.shape == (8, 3, 32, 32) and data.info.num_classes == 10
 
 
+@pytest.mark.parametrize("stage", ["search", "evaluate"])
+def test_cifar_training_batches_are_random_crops_of_the_4_padded_images_some_mirrored(tmp_path, stage):
+    """The DARTS recipe: each training image is a 32x32 window of the image zero-padded by 4, at a
+    random offset, mirrored half the time. Every image of an epoch is matched to its window here."""
+    write_cifar(tmp_path, "cifar10")
+    settings = dict(dataset="cifar10", data_dir=str(tmp_path), batch_size=8)
+    if stage == "search":
+        batches = build_search_data(tiny_config(**settings), torch.device("cpu")).train
+    else:   # without cutout, which would hide the window
+        batches = build_eval_data(EvalConfig(**settings, cutout=0), torch.device("cpu")).train
+    n = len(batches.labels)
+    padded = torch.nn.functional.pad(batches.images, (4,) * 4)                      # [n, 3, 40, 40]
+    windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)                              # [n, 3, 9, 9, 32, 32]
+    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(n * 81, 3, 32, 32)
+    candidates = torch.cat([windows, windows.flip(-1)])                             # [2 * n * 81, ...]
+    found = []
+    for x, _ in batches:
+        for image in x:
+            match = torch.nonzero((candidates == image).flatten(1).all(dim=1)).flatten()
+            assert len(match) >= 1, "not a window of the padded image"
+            flipped, rest = divmod(match[0].item(), n * 81)
+            found.append((flipped, *divmod(rest % 81, 9)))
+    assert len(found) == n and {f for f, _, _ in found} == {0, 1}, "some mirrored, some not"
+    offsets = {r for _, r, _ in found} | {c for _, _, c in found}
+    assert offsets - set(range(2, 7)), "shifts of 3 or 4 pixels, which only a padding of 4 gives"
+
+
 def test_missing_cifar_files_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load_arrays("cifar10", str(tmp_path))
@@ -63,15 +91,13 @@ def test_digits_are_real_and_split_1500_297():
     assert set(ty.tolist()) == set(range(10))
 
 
-def test_crop_flip_takes_a_shifted_possibly_mirrored_window():
+def test_crop_flip_takes_the_window_at_its_offsets_mirrored_where_asked():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
-    gen = torch.Generator().manual_seed(0)
-    out = random_crop_flip(x, 2, torch.randint(0, 5, (2, 2), generator=gen), torch.tensor([True, False]))
+    offsets = torch.tensor([[0, 3], [4, 1]])       # [row, column] x image: (0, 4) and (3, 1)
+    out = random_crop_flip(x, 2, offsets, torch.tensor([True, False]))
     padded = torch.nn.functional.pad(x, (2,) * 4)
-    for b in range(2):
-        windows = [padded[b, :, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
-        windows += [w.flip(-1) for w in windows]
-        assert any(torch.equal(out[b], w) for w in windows)
+    assert torch.equal(out[0], padded[0, :, 0:6, 4:10].flip(-1))
+    assert torch.equal(out[1], padded[1, :, 3:9, 1:7])
 
 
 def test_per_class_subsample_and_split():
@@ -107,3 +133,8 @@ def test_cutout_zeroes_a_square_clipped_at_the_border():
     out = cutout(x, 4, torch.tensor([[4, 0], [4, 0]]))
     assert out[0, 0, 2:6, 2:6].sum() == 0 and out[0].sum() == 64 - 16
     assert out[1, 0, :2, :2].sum() == 0 and out[1].sum() == 64 - 4, "clipped at the corner"
+    out = cutout(x, 4, torch.tensor([[1, 6], [5, 2]]))   # [row, column] x image: (1, 5) and (6, 2)
+    expected = torch.ones(2, 1, 8, 8)
+    expected[0, :, 0:3, 3:7] = 0
+    expected[1, :, 4:8, 0:4] = 0
+    assert torch.equal(out, expected)
