@@ -1,16 +1,17 @@
 """Mutation audit: does every equation of SPEC.md have a test that fails when it is wrong?
 
-    python tests/mutants.py [--only ID ...] [--list] [--no-baseline] [--timeout S] [--out FILE.json]
+    python tests/mutants.py [--only ID ...] [--fast] [--list] [--no-baseline] [--timeout S] [--out FILE.json]
 
 Each mutant below changes one rule the way a plausible bug would (a wrong sign, the wrong axis, a
-normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the fast
-paths (they compute what the eager path does) and the ablation tables. For each, a copy of the
-working tree gets the edit, and pytest runs the test files that guard that rule (not the slow ones,
-stopping at the first failure) with the copy first on ``sys.path``. A mutant is *killed* when a test fails, and
-*survives* when every test passes: then nothing checks that rule. First the unmutated copy must pass
-the same files (the baseline), or the audit means nothing. Prints JSON (per mutant: the result, the
-first failing test, seconds) and a short table; exit status 1 if a mutant survives (or its tests could
-not run), 2 if the audit cannot start.
+normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the data
+path, the fast paths (they compute what the eager path does), the sweeps and the ablation tables.
+For each, a copy of the working tree gets the edit, and pytest runs the tests that guard that rule
+with the copy first on ``sys.path``, stopping at the first failure. The slow tests (end-to-end Ray
+sweeps) run only for the mutants marked ``slow``, which ``--fast`` leaves out. A mutant is *killed*
+when a test fails, and *survives* when every test passes: then nothing checks that rule. First the
+unmutated copy must pass the same tests (the baseline), or the audit means nothing. Prints JSON (per
+mutant: the result, the first failing test, seconds) and a short table; exit status 1 if a mutant
+survives (or its tests could not run), 2 if the audit cannot start.
 
 Every edit's text must occur exactly once in its file; a mutant whose text has gone (the code was
 changed) is reported before anything runs. Mutants that compute the same thing by another route
@@ -42,10 +43,11 @@ class Mutant:
     what: str
     edits: tuple[tuple[str, str, str], ...]     # (file, text, replacement)
     tests: tuple[str, ...]
+    slow: bool = False                          # its tests are slow ones (end-to-end Ray sweeps)
 
 
-def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str) -> Mutant:
-    return Mutant(id, spec, what, ((path, old, new),), tests)
+def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str, slow: bool = False) -> Mutant:
+    return Mutant(id, spec, what, ((path, old, new),), tests, slow)
 
 
 DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "entrannas/bilevel.py"
@@ -235,6 +237,25 @@ MUTANTS: tuple[Mutant, ...] = (
        "cols = torch.where(flips[:, None], cols.flip(1), cols)", "cols = cols", T_DATA),
     _m("cutout-centre-transposed", "8", "cutout's square centred at (column, row)", DATA,
        "cy, cx = centers[0], centers[1]", "cy, cx = centers[1], centers[0]", T_DATA),
+    # -- sweep specs: the grid of trials and what each holds
+    _m("grid-zipped", "sweep", "a block's axes zipped, not crossed", "orchestrator/spec.py",
+       "itertools.product(*(block[k] for k in keys))", "zip(*(block[k] for k in keys))", "tests/test_spec.py"),
+    _m("grid-duplicates", "sweep", "a point in two blocks runs twice", "orchestrator/spec.py",
+       "if point not in out:", "if True:", "tests/test_spec.py"),
+    _m("fixed-value-counted-as-swept", "sweep", "a bare (fixed) value in a block listed as swept",
+       "orchestrator/spec.py", "if len({repr(p.get(k)) for p in points}) > 1]",
+       "if len({repr(p.get(k)) for p in points}) >= 1]", "tests/test_spec.py"),
+    _m("no-retries", "sweep", "a failing trial is not retried", "orchestrator/sweep.py",
+       "tune.FailureConfig(max_failures=spec.max_failures,", "tune.FailureConfig(max_failures=0,",
+       "tests/test_orchestrator.py::test_failing_trials_are_retried_then_reported", slow=True),
+    _m("retry-from-scratch", "sweep", "a retried trial starts again instead of from its checkpoint",
+       "orchestrator/trial.py", "    checkpoint = tune.get_checkpoint()\n", "    checkpoint = None\n",
+       "tests/test_orchestrator.py::test_failing_trials_are_retried_then_reported", slow=True),
+    _m("resume-drops-unfinished", "sweep", "resume leaves the trials the killed driver was running",
+       "orchestrator/sweep.py", "resume_unfinished=True,", "resume_unfinished=False,",
+       "tests/test_orchestrator.py::test_killed_driver_then_resume", slow=True),
+    _m("resources-from-evaluation", "sweep", "a trial holds the evaluation's resources, even when smaller",
+       "orchestrator/spec.py", "res[key] = max(res.get(key, 0), value)", "res[key] = value", "tests/test_spec.py"),
     # -- the ablation tables report what the trials measured (mean and spread over seeds)
     _m("table-population-std", "results", "the spread over seeds as the population sd (ddof=0)",
        "results/tables.py", "series.std(ddof=1)", "series.std(ddof=0)", "tests/test_results.py"),
@@ -295,11 +316,13 @@ def tracked_copy(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_tests(tree: Path, tests, timeout: float) -> dict:
-    """pytest on ``tests`` in ``tree``, its packages imported from there, stopping at the first failure."""
+def run_tests(tree: Path, tests, timeout: float, slow: bool = False) -> dict:
+    """pytest on ``tests`` in ``tree``, its packages imported from there, stopping at the first failure;
+    the slow tests only with ``slow``."""
     path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = {**os.environ, "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider",
+           *([] if slow else ["-m", "not slow"]), *tests]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
@@ -323,7 +346,7 @@ def audit(mutant: Mutant, timeout: float) -> dict:
         for path, old, new in mutant.edits:
             target = tree / path
             target.write_text(target.read_text().replace(old, new, 1))
-        out = run_tests(tree, mutant.tests, timeout)
+        out = run_tests(tree, mutant.tests, timeout, mutant.slow)
     # pytest: 0 = all passed, 1 = a test failed, 2 = interrupted (an error while collecting: the mutant
     # broke an import); 3-5 (internal error, bad arguments, no tests) mean the audit named tests wrongly
     result = {None: "timeout", 0: "survived", 1: "killed", 2: "killed"}.get(out["rc"], "error")
@@ -347,6 +370,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="ID", help="these mutants only")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
+    p.add_argument("--fast", action="store_true", help="leave out the mutants whose tests are slow (Ray sweeps)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -357,6 +381,8 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"--only: no mutant {', '.join(unknown)}; --list shows them")
         mutants = [m for m in MUTANTS if m.id in args.only]
+    if args.fast:
+        mutants = [m for m in mutants if not m.slow]
     if args.list:
         for m in mutants:
             print(f"{m.id:<30} SPEC {m.spec:<10} {m.what}")
@@ -368,20 +394,25 @@ def main(argv=None) -> int:
 
     doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
     if not args.no_baseline:
-        tests = sorted({t for m in mutants for t in m.tests})
+        doc["baseline"] = []
         with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
             tracked_copy(Path(tmp))
             imported = imports_from(Path(tmp))
             if not imported.startswith(str(Path(tmp).resolve())) and not imported.startswith(tmp):
                 print(f"the copy's tests would import entrannas from {imported}, not the copy", file=sys.stderr)
                 return 2
-            base = run_tests(Path(tmp), tests, args.timeout)
-        doc["baseline"] = {"tests": tests, "pytest_rc": base["rc"], "seconds": base["seconds"]}
-        print(f"baseline: {' '.join(tests)}: rc {base['rc']}, {base['seconds']} s", file=sys.stderr)
-        if base["rc"] != 0:
-            print(base["tail"], file=sys.stderr)
-            print("the unmutated tree fails these tests: fix that first", file=sys.stderr)
-            return 2
+            for slow in (False, True):
+                tests = sorted({t for m in mutants if m.slow == slow for t in m.tests})
+                if not tests:
+                    continue
+                base = run_tests(Path(tmp), tests, args.timeout, slow)
+                doc["baseline"].append({"tests": tests, "slow": slow, "pytest_rc": base["rc"],
+                                        "seconds": base["seconds"]})
+                print(f"baseline: {' '.join(tests)}: rc {base['rc']}, {base['seconds']} s", file=sys.stderr)
+                if base["rc"] != 0:
+                    print(base["tail"], file=sys.stderr)
+                    print("the unmutated tree fails these tests: fix that first", file=sys.stderr)
+                    return 2
     rows = []
     for m in mutants:
         rows.append(audit(m, args.timeout))

@@ -28,6 +28,22 @@ def test_grid_is_the_cartesian_product_and_unions_of_grids_work():
     assert s.swept_keys() == ["mode", "lambda_"]
 
 
+def test_overlapping_blocks_run_each_point_once_and_a_fixed_value_is_not_swept():
+    """Blocks are a union: a point two blocks share is one trial (a second would count its seed
+    twice in the tables). A bare value, the same in every trial, is not a swept setting."""
+    s = spec_from_dict(spec(sweep=[{"mode": "dst", "lambda_": [0.0, 0.5], "seed": 0},
+                                   {"mode": "dst", "lambda_": [0.5, 1.0], "seed": 0}]))
+    assert s.points() == [{"mode": "dst", "lambda_": lam, "seed": 0} for lam in (0.0, 0.5, 1.0)]
+    assert s.swept_keys() == ["lambda_"]
+
+
+def test_a_trial_holds_the_larger_of_the_search_and_the_evaluation_resources():
+    s = spec_from_dict(spec(resources={"cpu": 4, "gpu": 0.5},
+                            evaluate={"epochs": 1, "resources": {"cpu": 2, "gpu": 1}}))
+    assert s.trial_resources() == {"cpu": 4, "gpu": 1}
+    assert spec_from_dict(spec(resources={"cpu": 3})).trial_resources() == {"cpu": 3, "gpu": 0}
+
+
 def test_set_overrides_fix_an_axis_and_evaluate_settings():
     s = spec_from_dict(spec(evaluate={"epochs": 5}), ["seed=3", "evaluate.epochs=1", "epochs=1"])
     assert s.points() == [{"lambda_": 0.0}, {"lambda_": 0.1}]
