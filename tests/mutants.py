@@ -4,7 +4,8 @@
 
 Each mutant below changes one rule the way a plausible bug would (a wrong sign, the wrong axis, a
 normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the data
-path, the fast paths (they compute what the eager path does), the sweeps and the ablation tables.
+path, the fast paths (they compute what the eager path does), the bench's figures, the sweeps and the
+ablation tables.
 For each, a copy of the working tree gets the edit, and pytest runs the tests that guard that rule
 with the copy first on ``sys.path``, stopping at the first failure. The slow tests (end-to-end Ray
 sweeps) run only for the mutants marked ``slow``, which ``--fast`` leaves out. A mutant is *killed*
@@ -54,6 +55,7 @@ DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "ent
 DATA, T_DATA = "entrannas/data.py", "tests/test_data.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
+T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
 #: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
 T_CAPTURE = tuple(f"tests/test_compiled.py::test_{name}" for name in (
     "capture_records_a_hot_structure_and_keeps_the_most_recently_used",
@@ -268,6 +270,14 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("gpu-hours-whole-gpus", "results", "GPU-hours as if each trial held a whole GPU",
        "results/collect.py", "((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600",
        "((search_s or 0) + (eval_s or 0)) / 3600", "tests/test_results.py"),
+    # -- the bench's figures (the performance issue's targets are read from them)
+    _m("projection-no-warmup", "bench", "the 50-epoch projection times every epoch at the full step",
+       "entrannas/bench.py", "+ (config.epochs - config.arch_warmup_epochs) * per_step)",
+       "+ config.epochs * per_step)", T_BENCH),
+    _m("projection-all-images", "bench", "an epoch of the projection runs all 50,000 images, not 25,000",
+       "entrannas/bench.py", "STEPS_PER_EPOCH_CIFAR = 25_000", "STEPS_PER_EPOCH_CIFAR = 50_000", T_BENCH),
+    _m("step-time-fastest-block", "bench", "the step time from the fastest block, not the median",
+       "entrannas/bench.py", "per_step = blocks[len(blocks) // 2]", "per_step = blocks[0]", T_BENCH),
     # -- the fast paths compute what the plain eager path does (the performance issue)
     _m("channels-last-mix-transposed", "fast path", "an Engine-cell's mix in channels_last swaps H and W",
        SUPERNET, ".permute(0, 1, 4, 2, 3)", ".permute(0, 1, 4, 3, 2)", T_SUPERNET),

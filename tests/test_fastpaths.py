@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def test_bench_prints_json_a_table_and_checks_each_fast_path(capsys, tmp_path):
     assert 0 < dst["check"]["weight_pass"]["logits_max_rel_error"] < 0.1       # bf16: close, not equal
     assert dst["check"]["arch_pass"]["grad_cosine"] > 0.9
     assert "s/step" in captured.err and "x darts" in captured.err and "dst+bf16" in captured.err
+    # The projection: ceil(25,000 / batch) steps an epoch, the 15 warm-up epochs at the
+    # weight-only step, the other 35 at the full step, which is the median block.
+    for r in doc["results"]:
+        assert r["seconds_per_step"] == sorted(r["seconds_per_step_blocks"])[1]
+        minutes = math.ceil(25_000 / 4) * (15 * r["seconds_per_warmup_step"] + 35 * r["seconds_per_step"]) / 60
+        assert r["projected_50_epoch_minutes"] == pytest.approx(minutes)
 
 
 def test_the_checks_references_are_the_eager_path_against_itself():
