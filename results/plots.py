@@ -15,7 +15,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .tables import MISSING, group_key, levels, setting_column
+from .tables import MISSING, group_key, is_number, levels, setting_column
 
 ERROR_LABELS = {"eval_test_error": "test error (%)", "valid_error": "super-net validation error (%)"}
 
@@ -72,7 +72,7 @@ def error_column(trials: pd.DataFrame) -> str:
 def is_numeric(series: pd.Series) -> bool:
     """Whether every present value of a setting is a number (missing ones aside)."""
     values = [v for v in series if v != MISSING]
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(map(is_number, values))
 
 
 def _percent(df: pd.DataFrame, column: str) -> pd.Series:
@@ -208,19 +208,20 @@ def _place(source, target, size, nodes, labels) -> tuple[float, tuple[float, flo
     arrow clear of the nodes it does not join and its label clear of nodes and earlier labels;
     straighter arrows and labels nearer the middle on a tie. ``labels``: (centre, size) placed so far."""
     w, h = size
+    rads = (0.15, -0.15, 0.3, -0.3, 0.45, -0.45)
+    # how close each arrow passes to the nodes it does not join (it depends on the bend alone)
+    near_node = {rad: min((math.dist(_on_arc(source, target, rad, k / 10), q) for k in range(2, 9) for q in nodes),
+                          default=9.0) for rad in rads}
 
     def score(candidate):
         rad, t = candidate
-        curve = [_on_arc(source, target, rad, k / 10) for k in range(2, 9)]
         centre = _on_arc(source, target, rad, t)
-        near_node = min((math.dist(p, q) for p in curve for q in nodes), default=9.0)
         label_node = min((_apart(centre, q, w / 2 + _NODE_R, h / 2 + _NODE_R) for q in nodes), default=9.0)
         label_label = min((_apart(centre, q, (w + qw) / 2, (h + qh) / 2) for q, (qw, qh) in labels), default=9.0)
-        return (min(near_node, 0.9) + min(label_node, 1.2) + min(label_label, 1.2)
+        return (min(near_node[rad], 0.9) + min(label_node, 1.2) + min(label_label, 1.2)
                 - 0.2 * abs(rad) - 0.2 * abs(t - 0.5))
 
-    rad, t = max(((r, t) for r in (0.15, -0.15, 0.3, -0.3, 0.45, -0.45) for t in (0.5, 0.4, 0.6, 0.3, 0.7)),
-                 key=score)
+    rad, t = max(((r, t) for r in rads for t in (0.5, 0.4, 0.6, 0.3, 0.7)), key=score)
     return rad, _on_arc(source, target, rad, t)
 
 
@@ -284,9 +285,6 @@ def best_cells(trials: pd.DataFrame, key: str) -> Optional[Figure]:
     df, order = _categories(trials[trials["genotype"].notna() & trials[err].notna()], key)
     if df.empty:
         return None
-    rows = []
-    for value in order:
-        group = df[df[key] == value]
-        best = group.loc[pd.to_numeric(group[err]).idxmin()]
-        rows.append((f"{key}={value} (error {100 * best[err]:.2f}%)", json.loads(best["genotype"])))
-    return cell_diagrams(rows)
+    best = df.loc[pd.to_numeric(df[err]).groupby(df[key]).idxmin().reindex(order)]   # one row per group
+    return cell_diagrams([(f"{key}={value} (error {100 * error:.2f}%)", json.loads(genotype))
+                          for value, error, genotype in zip(order, best[err], best["genotype"])])

@@ -104,12 +104,17 @@ def _column(trials: pd.DataFrame, key: str) -> str:
                    f"swept settings are {', '.join(settings) or 'none'}")
 
 
+def is_number(value) -> bool:
+    """A setting value that orders by size: any real number (numpy's too), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def levels(values) -> list:
     """The distinct group keys of a setting (``group_key``'s values) in the order every table and
     figure shows them: numbers by value, then text in alphabetical order, then '-' (not set)."""
     distinct = set(values)
-    numbers = sorted(v for v in distinct if isinstance(v, Real) and not isinstance(v, bool))
-    text = sorted((v for v in distinct if v not in numbers and v != MISSING), key=str)
+    numbers = sorted(v for v in distinct if is_number(v))
+    text = sorted((v for v in distinct if not is_number(v) and v != MISSING), key=str)
     return numbers + text + ([MISSING] if MISSING in distinct else [])
 
 

@@ -366,16 +366,16 @@ def audit(mutant: Mutant, timeout: float) -> dict:
             **({"tail": out["tail"]} if result == "survived" or out["rc"] not in (0, 1) else {})}
 
 
-def _where(m) -> str:
-    """The rule's place: a SPEC.md section (and equation), or a part of the project."""
-    spec = m.spec if isinstance(m, Mutant) else m["spec"]
+def _where(spec: str) -> str:
+    """A mutant's ``spec`` as the rule's place: a SPEC.md section (and equation), or a part of the project."""
     return f"SPEC {spec}" if spec[0].isdigit() else spec
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'mutant':<30} {'rule':<15} {'result':<9} {'s':>6}  first failing test"]
     for r in rows:
-        lines.append(f"{r['id']:<30} {_where(r):<15} {r['result']:<9} {r['seconds']:>6.1f}  {r['killed_by'] or '-'}")
+        lines.append(f"{r['id']:<30} {_where(r['spec']):<15} {r['result']:<9} {r['seconds']:>6.1f}  "
+                     f"{r['killed_by'] or '-'}")
     counts = {k: sum(r["result"] == k for r in rows) for k in RESULTS}
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(rows)}")
     return "\n".join(lines)
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         mutants = [m for m in mutants if not m.slow]
     if args.list:
         for m in mutants:
-            print(f"{m.id:<30} {_where(m):<15} {m.what}")
+            print(f"{m.id:<30} {_where(m.spec):<15} {m.what}")
         return 0
     problems = check_edits(mutants)
     if problems:

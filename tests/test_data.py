@@ -64,20 +64,20 @@ def test_cifar_training_batches_are_random_crops_of_the_4_padded_images_some_mir
     else:   # without cutout, which would hide the window
         batches = build_eval_data(EvalConfig(**settings, cutout=0), torch.device("cpu")).train
     n = len(batches.labels)
-    padded = torch.nn.functional.pad(batches.images, (4,) * 4)                      # [n, 3, 40, 40]
-    windows = padded.unfold(2, 32, 1).unfold(3, 32, 1)                              # [n, 3, 9, 9, 32, 32]
-    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(n * 81, 3, 32, 32)
-    candidates = torch.cat([windows, windows.flip(-1)])                             # [2 * n * 81, ...]
-    found = []
-    for x, _ in batches:
-        for image in x:
-            match = torch.nonzero((candidates == image).flatten(1).all(dim=1)).flatten()
-            assert len(match) >= 1, "not a window of the padded image"
-            flipped, rest = divmod(match[0].item(), n * 81)
-            found.append((flipped, *divmod(rest % 81, 9)))
-    assert len(found) == n and {f for f, _, _ in found} == {0, 1}, "some mirrored, some not"
-    offsets = {r for _, r, _ in found} | {c for _, _, c in found}
-    assert offsets - set(range(2, 7)), "shifts of 3 or 4 pixels, which only a padding of 4 gives"
+    padded = torch.nn.functional.pad(batches.images, (4,) * 4).double()            # [n, 3, 40, 40]
+    # A random fingerprint of every 32x32 window (one conv), mirrored ones too, [n, 2, 9, 9]: each
+    # image of the epoch finds its window by the nearest fingerprint, then is compared exactly.
+    w = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prints = torch.nn.functional.conv2d(padded, torch.cat([w, w.flip(-1)])).flatten()
+    x = torch.cat([x for x, _ in batches]).double()
+    index = ((x * w).sum((1, 2, 3))[:, None] - prints).abs().argmin(dim=1)
+    image, flipped, row, col = (t.tolist() for t in torch.unravel_index(index, (n, 2, 9, 9)))
+    windows = torch.stack([padded[i, :, r:r + 32, c:c + 32] for i, r, c in zip(image, row, col)])
+    mirrored = torch.tensor(flipped, dtype=torch.bool)[:, None, None, None]
+    windows = torch.where(mirrored, windows.flip(-1), windows)
+    assert torch.equal(windows, x), "each image is a window of its padded image"
+    assert len(x) == n and set(flipped) == {0, 1}, "every image in the epoch; some mirrored, some not"
+    assert set(row + col) - set(range(2, 7)), "shifts of 3 or 4 pixels, which only a padding of 4 gives"
 
 
 def test_missing_cifar_files_name_the_folder(tmp_path):
