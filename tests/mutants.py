@@ -53,6 +53,9 @@ def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str
 
 DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "entrannas/bilevel.py"
 DATA, T_DATA = "entrannas/data.py", "tests/test_data.py"
+SEARCH, TRAIN, RUNDIR = "entrannas/search.py", "entrannas/train.py", "entrannas/rundir.py"
+T_SEARCH, T_TRAIN = "tests/test_search.py", "tests/test_train.py"
+CONFIG, T_CLI = "entrannas/config.py", "tests/test_cli.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
 T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
@@ -239,6 +242,58 @@ MUTANTS: tuple[Mutant, ...] = (
        "cols = torch.where(flips[:, None], cols.flip(1), cols)", "cols = cols", T_DATA),
     _m("cutout-centre-transposed", "8", "cutout's square centred at (column, row)", DATA,
        "cy, cx = centers[0], centers[1]", "cy, cx = centers[1], centers[0]", T_DATA),
+    # -- the recipes' schedules and what an epoch reports (SPEC 6 and 8)
+    _m("search-lr-floor-ignored", "6", "the weights' cosine schedule ends at 0 whatever lr_min says", BILEVEL,
+       "T_max=epochs or config.epochs, eta_min=config.lr_min)", "T_max=epochs or config.epochs, eta_min=0.0)",
+       T_BILEVEL),
+    _m("search-lr-never-anneals", "6", "the search's weight lr stays at lr (the scheduler never steps)", SEARCH,
+       "        self.optimizer.w_scheduler.step()\n", "", T_SEARCH),
+    _m("search-valid-on-train-half", "6", "an epoch's valid loss and accuracy measured on the weights' half",
+       SEARCH, "return loss_and_accuracy(forward, self.data.valid, self.device)",
+       "return loss_and_accuracy(forward, self.data.train, self.device)", T_SEARCH),
+    _m("eval-lr-floor-ignored", "8", "the evaluation's cosine schedule ends at 0 whatever lr_min says", TRAIN,
+       "eta_min=config.lr_min)", "eta_min=0.0)", T_TRAIN),
+    _m("eval-step-schedule-ignored", "8", "lr_schedule: step runs the cosine schedule", TRAIN,
+       'if config.lr_schedule == "cosine":', "if True:", T_TRAIN),
+    _m("eval-weight-decay-ignored", "8", "the evaluation's SGD without weight decay", TRAIN,
+       "weight_decay=config.weight_decay,\n", "weight_decay=0.0,\n", T_TRAIN),
+    _m("eval-test-on-train-set", "8", "the test error measured on the training set", TRAIN,
+       "self.model(x)[0], self.data.test, self.device)", "self.model(x)[0], self.data.train, self.device)",
+       T_TRAIN),
+    _m("eval-best-is-last", "8", "result.json's best test error is the last epoch's", "entrannas/cli.py",
+       '"best_test_error": min(r["test_error"] for r in history)', '"best_test_error": history[-1]["test_error"]',
+       T_TRAIN, "tests/test_cli.py"),
+    # -- runs: a run directory is never overwritten, and a resumed run ends where an uninterrupted one does
+    _m("run-overwritten", "runs", "a directory that holds a run is run again without --resume", RUNDIR,
+       "if self.has_run() and not resume:", "if False:", "tests/test_cli.py"),
+    _m("resume-config-unchecked", "runs", "--resume accepts a config other than the saved one", RUNDIR,
+       "            if changed:\n", "            if False:\n", "tests/test_cli.py"),
+    _m("resume-keeps-stale-records", "runs", "resume keeps the history written after the checkpoint", RUNDIR,
+       'r["epoch"] < epochs_done]', 'r["epoch"] <= epochs_done]', "tests/test_cli.py", slow=True),
+    _m("search-resume-no-optimizer", "runs", "a resumed search restarts its optimisers (momentum, Adam, lr)",
+       SEARCH, '        self.optimizer.load_state_dict(state["optimizer"])\n', "", T_SEARCH),
+    _m("eval-resume-no-scheduler", "runs", "a resumed evaluation restarts its lr schedule", TRAIN,
+       '        self.scheduler.load_state_dict(state["scheduler"])\n', "", T_TRAIN),
+    _m("eval-resume-no-rng", "runs", "a resumed evaluation does not restore the random state", TRAIN,
+       '        set_rng_state(state["rng"], self.device)', "        pass", T_TRAIN),
+    _m("search-divergence-unnoticed", "runs", "a search whose loss is NaN goes on", SEARCH,
+       "if not np.isfinite(train_loss):", "if False:", T_SEARCH),
+    _m("eval-divergence-unnoticed", "runs", "an evaluation whose loss is NaN goes on", TRAIN,
+       "if not math.isfinite(train_loss):", "if False:", T_TRAIN),
+    # -- input: a bad setting stops the command with its field, value and what is allowed, before any work
+    _m("unit-interval-closed", "input", "momentum, drop-path and label smoothing of 1 accepted", CONFIG,
+       "if not 0 <= getattr(self, name) < 1:", "if not 0 <= getattr(self, name) <= 1:", T_CLI),
+    _m("positive-accepts-zero", "input", "an lr of 0 accepted", CONFIG,
+       "if not getattr(self, name) > 0:", "if getattr(self, name) < 0:", T_CLI),
+    _m("subset-fraction-zero", "input", "a subset_fraction of 0 accepted", CONFIG,
+       "if not 0 < self.subset_fraction <= 1:", "if not 0 <= self.subset_fraction <= 1:", T_CLI),
+    _m("eval-lr-schedule-unchecked", "input", "an unknown lr_schedule runs the step schedule", CONFIG,
+       "        if self.lr_schedule not in LR_SCHEDULES:", "        if False:", T_CLI),
+    _m("eval-two-layers-accepted", "input", "an evaluation network of 2 cells (no normal cell) accepted", CONFIG,
+       'if self.layers < 3:\n            raise ConfigError("layers", self.layers, "must be >= 3 so that',
+       'if self.layers < 2:\n            raise ConfigError("layers", self.layers, "must be >= 3 so that', T_CLI),
+    _m("device-unchecked", "input", "an unknown device accepted (torch fails later)", CONFIG,
+       'if not (self.device == "auto" or', "if not (True or", T_CLI),
     # -- sweep specs: the grid of trials and what each holds
     _m("grid-zipped", "sweep", "a block's axes zipped, not crossed", "orchestrator/spec.py",
        "itertools.product(*(block[k] for k in keys))", "zip(*(block[k] for k in keys))", "tests/test_spec.py"),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,10 +64,18 @@ def test_the_optimisers_are_spec_6s():
     assert (config.arch_lr, config.arch_beta1, config.arch_beta2, config.arch_weight_decay) == (6e-4, 0.5, 0.999, 1e-3)
     assert (adam["lr"], adam["betas"], adam["weight_decay"]) == (6e-4, (0.5, 0.999), 1e-3)
     assert config.grad_clip == 5.0
-    changed = tiny_config(mode="dst", arch_beta1=0.7, arch_beta2=0.99, momentum=0.5)
+    changed = tiny_config(mode="dst", arch_beta1=0.7, arch_beta2=0.99, momentum=0.5, epochs=4, lr=0.2, lr_min=0.02)
     opt = BilevelOptimizer(tiny_net(mode="dst"), changed)
     assert opt.a_optimizer.param_groups[0]["betas"] == (0.7, 0.99)
     assert opt.w_optimizer.param_groups[0]["momentum"] == 0.5
+    # the weights' lr at the start of each epoch: cosine from lr to lr_min over the epochs
+    lrs = []
+    for _ in range(changed.epochs + 1):
+        lrs.append(opt.w_optimizer.param_groups[0]["lr"])
+        opt.w_optimizer.step()   # nothing has a gradient: no change, but the scheduler's order is kept
+        opt.w_scheduler.step()
+    cosine = [0.02 + 0.18 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(5)]
+    assert lrs == pytest.approx(cosine) and lrs[-1] == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])

@@ -6,8 +6,10 @@ import pytest
 import yaml
 
 import entrannas.search
+import entrannas.train
 from entrannas.cli import main
 from entrannas.config import ConfigError, SearchConfig, load_config, read_yaml
+from entrannas.rundir import RunDir, RunDirError
 
 FAST = ["--set", "layers=3", "--set", "init_channels=4", "--set", "subset_fraction=0.2", "--set", "batch_size=64"]
 
@@ -55,6 +57,30 @@ def test_bad_input_exits_2_with_a_message(args, message, tmp_path, capsys, no_mo
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (out / "history.jsonl").exists()
+
+
+EVAL_BAD = [
+    ("lr_schedule=linear", "lr_schedule = 'linear': allowed: cosine, step"),
+    ("momentum=1", "momentum = 1.0: must be in [0, 1)"),
+    ("drop_path_prob=-0.1", "drop_path_prob = -0.1: must be in [0, 1)"),
+    ("lr=0", "lr = 0.0: must be > 0"),
+    ("lr_min=-0.001", "lr_min = -0.001: must be >= 0"),
+    ("cutout=-1", "cutout = -1: must be an integer >= 0"),
+    ("subset_fraction=0", "subset_fraction = 0.0: must be in (0, 1]"),
+    ("layers=2", "layers = 2: must be >= 3 so that the net has a normal and a reduction cell"),
+    ("device=tpu", "device = 'tpu': allowed: auto, cpu, cuda, cuda:N, mps"),
+]
+
+
+@pytest.mark.parametrize("setting, message", EVAL_BAD, ids=[s.split("=")[0] for s, _ in EVAL_BAD])
+def test_bad_evaluation_settings_exit_2_before_training(setting, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(entrannas.train.Evaluation, "__init__",
+                        lambda *a, **k: pytest.fail("an Evaluation was started for bad input"))
+    out = tmp_path / "run"
+    assert main(["evaluate", "--genotype", "DARTS_V2", "--set", setting, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -138,6 +164,35 @@ def test_search_cli_writes_outputs_and_resumes(tmp_path, capsys):
     # resuming a finished run does nothing more
     assert main([*args, "--resume"]) == 0
     assert len((out / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_directory_that_holds_a_run_is_refused_without_resume_and_kept(tmp_path):
+    RunDir(tmp_path).prepare({"seed": 0}, resume=False)
+    RunDir(tmp_path).append_history({"epoch": 0})
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume to continue it"):
+        RunDir(tmp_path).prepare({"seed": 1}, resume=False)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_evaluate_reports_the_last_and_the_best_epochs_test_error(tmp_path, capsys, monkeypatch):
+    errors = iter([0.4, 0.2, 0.3])
+
+    def epoch_without_training(self, on_step=None):
+        record = {"epoch": self.epoch, "test_error": next(errors), "seconds": 0.5}
+        self.epoch += 1
+        return record
+
+    monkeypatch.setattr(entrannas.train.Evaluation, "run_epoch", epoch_without_training)
+    args = ["evaluate", "--genotype", "DARTS_V2", "--set", "epochs=3", *FAST, "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "eval" / "result.json").read_text())
+    assert (result["test_error"], result["best_test_error"], result["epochs"], result["seconds"]) == (0.3, 0.2, 3, 1.5)
+    # the same directory again without --resume is refused, and nothing is lost
+    before = (tmp_path / "eval" / "history.jsonl").read_text()
+    assert main(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "history.jsonl").read_text() == before
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from entrannas.compiled import CapturedStructures
-from entrannas.search import Search
+from entrannas.search import Search, SearchDiverged
 
 from conftest import record_as_is, tiny_config
 
@@ -40,6 +40,37 @@ def test_records_carry_what_spec_6_lists():
     # where it ran: the thread count changes the trajectory of a seed, so it is recorded
     assert (record["device"], record["device_name"]) == ("cpu", None)
     assert record["torch"] == torch.__version__ and record["threads"] == torch.get_num_threads()
+
+
+def test_each_epoch_reports_its_lr_and_the_super_nets_figures_on_the_arch_half():
+    """An epoch's lr follows the cosine from lr to lr_min; its valid loss and accuracy are the
+    super-net's (eval mode, this epoch's architecture) over the architecture half of the split."""
+    search = Search(small(mode="dst", lr=0.2, lr_min=0.02))
+    lrs = []
+    for _ in range(3):
+        record = search.run_epoch()
+        lrs.append(record["lr"])
+        model, loss, correct, n = search.model, 0.0, 0, 0
+        model.eval()
+        search.data.valid.set_epoch(record["epoch"])
+        with torch.no_grad():
+            for x, y in search.data.valid:
+                logits = model(x, arch_grad=False)
+                loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                correct += (logits.argmax(1) == y).sum().item()
+                n += len(y)
+        model.train()
+        assert n == len(search.data.valid.labels)
+        assert record["valid_loss"] == pytest.approx(loss / n, rel=1e-5)
+        assert record["valid_acc"] == pytest.approx(correct / n)
+    assert lrs == pytest.approx([0.02 + 0.18 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+
+
+def test_a_search_whose_loss_is_not_finite_stops_as_diverged():
+    search = Search(small(mode="entrannas", lr=1e30))
+    with pytest.raises(SearchDiverged, match="epoch 0: training loss is nan; lower lr or arch_lr"):
+        search.run_epoch()
+    assert search.epoch == 0, "the epoch that diverged does not count as done"
 
 
 def test_resumed_search_equals_uninterrupted(tmp_path):

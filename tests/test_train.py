@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from entrannas.cli import main
 from entrannas.config import EvalConfig
 from entrannas.search import Search
-from entrannas.train import Evaluation, evaluate, training_loss
+from entrannas.train import Evaluation, TrainingDiverged, evaluate, training_loss
 from entrannas.zoo import ZOO
 
 from conftest import tiny_config
@@ -49,13 +50,48 @@ def test_drop_path_ramps_linearly_with_the_epoch():
     assert [round(r["drop_path_prob"], 6) for r in evaluate(ZOO["DARTS_V2"], config)] == [0.0, 0.1, 0.2]
 
 
+def test_the_optimiser_and_both_lr_schedules_follow_the_config():
+    """SGD gets the config's momentum and weight decay; each epoch's lr is the cosine from lr to lr_min,
+    or with ``lr_schedule: step`` lr * lr_gamma ** epoch."""
+    config = EvalConfig(**SMALL, lr=0.2, lr_min=0.02, momentum=0.8, weight_decay=1e-3)
+    sgd = Evaluation(ZOO["DARTS_V2"], config).optimizer.param_groups[0]
+    assert (sgd["lr"], sgd["momentum"], sgd["weight_decay"]) == (0.2, 0.8, 1e-3)
+    lrs = [r["lr"] for r in evaluate(ZOO["DARTS_V2"], config)]
+    assert lrs == pytest.approx([0.02 + 0.18 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+    step = [r["lr"] for r in evaluate(ZOO["DARTS_V2"], config, lr_schedule="step", lr_gamma=0.5)]
+    assert step == pytest.approx([0.2, 0.1, 0.05])
+
+
+def test_an_epochs_test_error_is_the_networks_on_the_test_set():
+    evaluation = Evaluation(ZOO["DARTS_V2"], EvalConfig(**SMALL))
+    record = evaluation.run_epoch()
+    model, loss, correct = evaluation.model.eval(), 0.0, 0
+    with torch.no_grad():
+        for x, y in evaluation.data.test:
+            logits = model(x)[0]
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    n = len(evaluation.data.test.labels)
+    assert record["test_loss"] == pytest.approx(loss / n, rel=1e-5)
+    assert record["test_error"] == pytest.approx(1 - correct / n)
+
+
+def test_an_evaluation_whose_loss_is_not_finite_stops_as_diverged():
+    evaluation = Evaluation(ZOO["DARTS_V2"], EvalConfig(**SMALL, lr=1e30))
+    with pytest.raises(TrainingDiverged, match="epoch 0: training loss is nan; lower lr"):
+        evaluation.run_epoch()
+    assert evaluation.epoch == 0
+
+
 def test_evaluation_resumes_exactly(tmp_path):
-    config = EvalConfig(**SMALL, drop_path_prob=0.2)
+    """Resumed after epoch 1 of 4: the random state (epoch 1 drew drop-path masks, epoch 0 runs at
+    probability 0) and the lr schedule (it sets epoch 3's lr) come back with the weights."""
+    config = EvalConfig(**{**SMALL, "epochs": 4}, drop_path_prob=0.2)
     whole = Evaluation(ZOO["PC_DARTS"], config)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}  # noqa: E731
     expected = [strip(r) for r in whole.run()]
     first = Evaluation(ZOO["PC_DARTS"], config)
-    got = [strip(first.run_epoch())]
+    got = [strip(first.run_epoch()), strip(first.run_epoch())]
     first.save(tmp_path / "c.pt")
     second = Evaluation(ZOO["PC_DARTS"], config)
     second.load(tmp_path / "c.pt")
