@@ -56,6 +56,7 @@ DATA, T_DATA = "entrannas/data.py", "tests/test_data.py"
 SEARCH, TRAIN, RUNDIR = "entrannas/search.py", "entrannas/train.py", "entrannas/rundir.py"
 T_SEARCH, T_TRAIN = "tests/test_search.py", "tests/test_train.py"
 CONFIG, T_CLI = "entrannas/config.py", "tests/test_cli.py"
+COLLECT, REPORT, T_RESULTS = "results/collect.py", "results/report.py", "tests/test_results.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
 T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
@@ -325,6 +326,30 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("gpu-hours-whole-gpus", "results", "GPU-hours as if each trial held a whole GPU",
        "results/collect.py", "((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600",
        "((search_s or 0) + (eval_s or 0)) / 3600", "tests/test_results.py"),
+    _m("kept-total-normal-only", "results", "a trial's kept connections count the normal cell only", COLLECT,
+       'out["kept_total"] = sum(out["kept_normal"]) + sum(out["kept_reduce"])',
+       'out["kept_total"] = sum(out["kept_normal"])', T_RESULTS),
+    _m("op-counts-normal-only", "results", "the operation frequencies count the normal cell only", COLLECT,
+       '    for cell in ("normal", "reduce"):\n        for node in genotype[cell]:',
+       '    for cell in ("normal",):\n        for node in genotype[cell]:', T_RESULTS),
+    _m("epoch-kept-normal-only", "results", "an epoch's kept connections count the normal cell only", COLLECT,
+       '"kept_total": (sum(kept_n) + sum(kept_r)) if kept_n and kept_r else None,',
+       '"kept_total": sum(kept_n) if kept_n and kept_r else None,', T_RESULTS),
+    _m("threshold-first-node", "results", "an epoch's threshold is its first node's, not the mean over nodes",
+       COLLECT, 'thresholds[f"threshold_{cell}"] = sum(t) / len(t)', 'thresholds[f"threshold_{cell}"] = t[0]',
+       T_RESULTS),
+    _m("run-valid-error-as-accuracy", "results", "a search directory's valid error read as its accuracy", COLLECT,
+       '"valid_error": (1 - history[-1]["valid_acc"])', '"valid_error": (history[-1]["valid_acc"])', T_RESULTS),
+    _m("run-done-after-an-epoch", "results", "a search directory with any epoch counted as done", COLLECT,
+       'done = len(history) >= int(config.get("epochs") or 0) > 0', "done = len(history) > 0", T_RESULTS),
+    _m("cost-at-search-size", "results", "parameters counted on an 8-cell, 16-channel network, not DARTS' 20 and 36",
+       COLLECT, "NetworkCIFAR(genotype, 36, 20, classes)", "NetworkCIFAR(genotype, 16, 8, classes)", T_RESULTS),
+    _m("cost-cifar100-ten-classes", "results", "CIFAR-100's cost counted with a 10-class classifier", COLLECT,
+       'classes = 100 if dataset == "cifar100" else 10', "classes = 10", T_RESULTS),
+    _m("report-no-failed-list", "results", "the report does not list the failed and diverged trials", REPORT,
+       "        if len(failed):", "        if False:", T_RESULTS),
+    _m("report-no-joint-table", "results", "no table by two swept settings together", REPORT,
+       "        if len(keys) > 1:", "        if False:", T_RESULTS),
     # -- the bench's figures (the performance issue's targets are read from them)
     _m("projection-no-warmup", "bench", "the 50-epoch projection times every epoch at the full step",
        "entrannas/bench.py", "+ (config.epochs - config.arch_warmup_epochs) * per_step)",

@@ -246,6 +246,47 @@ def test_genotype_summary_counts_ops_and_connections():
     assert s["op:sep_conv_3x3"] == 5 and s["op:max_pool_3x3"] == 5 and s["op:skip_connect"] == 5
 
 
+def test_a_search_directory_reads_as_one_trial_and_its_epochs(tmp_path):
+    """A search's output directory: running until its last epoch is written; valid error from the last
+    epoch's accuracy; the cost of DARTS' 20-cell, 36-channel network for the dataset's classes; per epoch
+    the mean threshold and the kept connections of both cells."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("mode: dst\ndataset: cifar100\nepochs: 3\nseed: 4\n")
+    (run / "genotype.json").write_text(json.dumps(ZOO["DARTS_V2"].to_dict()))
+
+    def epoch(e, acc):
+        return json.dumps({"epoch": e, "valid_acc": acc, "seconds": 2.0, "tau": 1.0,
+                           "thresholds": {"normal": [0.1, 0.2, 0.3, 0.4], "reduce": [0.5, 0.5, 0.6, 0.6]},
+                           "kept_connections": {"normal": [1, 2, 3, 1], "reduce": [2, 2, 2, 2]}}) + "\n"
+
+    (run / "history.jsonl").write_text(epoch(0, 0.6) + epoch(1, 0.75))
+    trials, epochs = load([run])
+    trial = trials.iloc[0]
+    assert (trial["status"], trial["mode"], trial["seed"], trial["epochs_done"]) == ("running", "dst", 4, 2)
+    assert trial["valid_error"] == pytest.approx(0.25) and trial["search_seconds"] == 4.0
+    # DARTS_V2 on CIFAR-10 has 3,349,342 parameters; 90 more classes add 576 x 90 weights and 90 biases
+    assert trial["params_m"] == pytest.approx((3_349_342 + 576 * 90 + 90) / 1e6, abs=1e-9)
+    assert list(epochs["threshold_normal"]) == pytest.approx([0.25, 0.25])
+    assert list(epochs["threshold_reduce"]) == pytest.approx([0.55, 0.55])
+    assert list(epochs["kept_total"]) == [15, 15]
+    (run / "history.jsonl").write_text(epoch(0, 0.6) + epoch(1, 0.75) + epoch(2, 0.8))
+    assert load([run], with_cost=False)[0]["status"][0] == "done"
+
+
+def test_the_report_lists_each_failed_and_diverged_trial_with_its_error(tmp_path, monkeypatch):
+    df = frame([{"trial_id": "t0", "seed": 0, "valid_error": 0.2},
+                {"trial_id": "t1", "seed": 1, "status": "failed", "valid_error": None, "error": "CUDA out of memory"},
+                {"trial_id": "t2", "seed": 2, "status": "diverged", "valid_error": None,
+                 "error": "epoch 3: training loss is nan"}]).assign(mode="dst")
+    monkeypatch.setattr("results.report.load", lambda paths: (df, pd.DataFrame()))
+    (tmp_path / "e").mkdir()
+    text = write_report([tmp_path / "e"]).read_text()
+    assert "3 trials: 1 diverged, 1 done, 1 failed." in text
+    assert ("Failed or diverged trials:\n\n- `t1` (failed): CUDA out of memory\n"
+            "- `t2` (diverged): epoch 3: training loss is nan\n") in text
+
+
 def test_gpu_hours_count_the_gpus_a_trial_asked_for_and_stay_empty_on_the_cpu(tmp_path):
     """GPU-hours = search seconds x search GPUs + evaluation seconds x evaluation GPUs, over 3600;
     a sweep that asked for no GPU has none, so its tables carry no GPU-hours column of zeros."""
