@@ -57,6 +57,7 @@ SEARCH, TRAIN, RUNDIR = "entrannas/search.py", "entrannas/train.py", "entrannas/
 T_SEARCH, T_TRAIN = "tests/test_search.py", "tests/test_train.py"
 CONFIG, T_CLI = "entrannas/config.py", "tests/test_cli.py"
 COLLECT, REPORT, T_RESULTS = "results/collect.py", "results/report.py", "tests/test_results.py"
+TRIAL, T_TRIAL = "orchestrator/trial.py", "tests/test_trial.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
 T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
@@ -314,6 +315,21 @@ MUTANTS: tuple[Mutant, ...] = (
        "tests/test_orchestrator.py::test_killed_driver_then_resume", slow=True),
     _m("resources-from-evaluation", "sweep", "a trial holds the evaluation's resources, even when smaller",
        "orchestrator/spec.py", "res[key] = max(res.get(key, 0), value)", "res[key] = value", "tests/test_spec.py"),
+    _m("trial-valid-error-as-accuracy", "sweep", "a trial reports its valid accuracy as its valid error", TRIAL,
+       '"valid_error": 1.0 - record["valid_acc"],', '"valid_error": record["valid_acc"],', T_TRIAL),
+    _m("trial-done-before-evaluation", "sweep", "a trial is done when its search ends, before its evaluation",
+       TRIAL, '"done": eval_config is None and search.epoch == search_config.epochs',
+       '"done": search.epoch == search_config.epochs', T_TRIAL),
+    _m("trial-threads-ignored", "sweep", "a trial's CPU share leaves torch's thread count alone", TRIAL,
+       "torch.set_num_threads(max(1, int(cpus)))", "pass", T_TRIAL),
+    _m("trial-restart-forgets-search", "sweep", "a restarted trial searches again from scratch", TRIAL,
+       '            search.load_state_dict(state["search"])\n', "", T_TRIAL),
+    _m("trial-restart-searches-again", "sweep", "a trial restarted in its evaluation runs its search again",
+       TRIAL, 'if state is None or state["stage"] == "search":', "if True:", T_TRIAL),
+    _m("trial-restart-forgets-seconds", "sweep", "a trial restarted in its evaluation forgets the seconds spent",
+       TRIAL, '        eval_seconds = state["eval_seconds_total"]\n', "", T_TRIAL),
+    _m("trial-evaluates-diverged", "sweep", "a trial whose search diverged evaluates its genotype", TRIAL,
+       '"error": str(e), "done": True})\n            return\n', '"error": str(e), "done": True})\n', T_TRIAL),
     # -- the ablation tables report what the trials measured (mean and spread over seeds)
     _m("table-population-std", "results", "the spread over seeds as the population sd (ddof=0)",
        "results/tables.py", "series.std(ddof=1)", "series.std(ddof=0)", "tests/test_results.py"),
