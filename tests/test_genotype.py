@@ -47,6 +47,7 @@ def test_genotype_is_immutable():
     ([[("sep_conv_3x3", 2)]], [2], "input 2, which is not an earlier node"),
     ([[("sep_conv_3x3", 0)], []], [2, 3], "node 3 has no inputs"),
     ([[("sep_conv_3x3", 0)]], [2, 3], "node 3 does not exist"),
+    ([[("sep_conv_3x3", 0)]], [1, 2], r"node 1 does not exist \(intermediate nodes are 2\.\.2\)"),
     ([[("none", 0)]], [2], "'none'"),
 ])
 def test_bad_genotypes_say_what_is_wrong(normal, concat, message):
