@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from entrannas.config import EvalConfig
-from entrannas.data import (build_eval_data, build_search_data, cutout, load_arrays, load_digits_arrays,
-                            random_crop_flip, split_per_class)
+from entrannas.data import (TensorBatches, build_eval_data, build_search_data, cutout, load_arrays,
+                            load_digits_arrays, random_crop_flip, split_per_class)
 
 from conftest import tiny_config
 
@@ -89,6 +89,35 @@ def test_digits_are_real_and_split_1500_297():
     (tx, ty), (vx, vy) = load_digits_arrays()
     assert tx.shape == (1500, 1, 8, 8) and vx.shape == (297, 1, 8, 8)
     assert set(ty.tolist()) == set(range(10))
+
+
+def test_subset_fraction_shrinks_the_search_split_and_each_class_of_the_evaluation_set():
+    cpu = torch.device("cpu")
+    search = build_search_data(tiny_config(dataset="digits", subset_fraction=0.5), cpu)
+    assert len(search.train.labels) == len(search.valid.labels) == 375, "1500 images x 0.5 x half each"
+    (_, labels), _ = load_digits_arrays()
+    evaluation = build_eval_data(EvalConfig(dataset="digits", subset_fraction=0.5).resolve(), cpu)
+    per_class = torch.bincount(labels, minlength=10)
+    assert torch.bincount(evaluation.train.labels, minlength=10).tolist() == \
+        [int(round(n * 0.5)) for n in per_class.tolist()]
+    assert len(evaluation.test.labels) == 297, "the test set is never sub-sampled"
+
+
+def test_each_epoch_draws_its_own_order_and_augmentation_and_repeats_when_asked_again():
+    images = torch.rand(40, 3, 8, 8)
+    batches = TensorBatches(images, torch.arange(40), 16, shuffle=True, seed=0, augment="crop_flip")
+
+    def epoch(e):
+        batches.set_epoch(e)
+        x, y = zip(*batches)
+        return torch.cat(x), torch.cat(y)
+
+    (x0, y0), (x1, y1) = epoch(0), epoch(1)
+    assert sorted(y0.tolist()) == sorted(y1.tolist()) == list(range(40)), "each image once an epoch"
+    assert y0.tolist() != y1.tolist(), "another order"
+    assert not torch.equal(x0[y0.argsort()], x1[y1.argsort()]), "other crops and flips of the same images"
+    x0_again, y0_again = epoch(0)
+    assert torch.equal(y0, y0_again) and torch.equal(x0, x0_again), "an epoch is a function of (seed, epoch)"
 
 
 def test_crop_flip_takes_the_window_at_its_offsets_mirrored_where_asked():
