@@ -52,5 +52,7 @@ def record_as_is(fn, net, plans, args, pool):
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    """Two CPU threads per test, or ENTRANNAS_TEST_THREADS (the mutation audit's share of the cores
+    when it runs several pytests at once: more threads than cores make OpenMP wait on itself)."""
+    torch.set_num_threads(int(os.environ.get("ENTRANNAS_TEST_THREADS", "2")))
     yield

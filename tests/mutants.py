@@ -1,6 +1,7 @@
 """Mutation audit: does every equation of SPEC.md have a test that fails when it is wrong?
 
-    python tests/mutants.py [--only ID ...] [--fast] [--list] [--no-baseline] [--timeout S] [--out FILE.json]
+    python tests/mutants.py [--only ID ...] [--fast] [--list] [--no-baseline] [--timeout S] [--jobs N]
+                            [--out FILE.json]
 
 Each mutant below changes one rule the way a plausible bug would (a wrong sign, the wrong axis, a
 normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the data
@@ -23,6 +24,7 @@ they cannot be killed, and SPEC allows them.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -33,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -451,11 +454,12 @@ def tracked_copy(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_tests(tree: Path, tests, timeout: float, slow: bool = False) -> dict:
+def run_tests(tree: Path, tests, timeout: float, slow: bool = False, threads: Optional[int] = None) -> dict:
     """pytest on ``tests`` in ``tree``, its packages imported from there, stopping at the first failure;
-    the slow tests only with ``slow``."""
+    the slow tests only with ``slow``; torch on ``threads`` CPU threads if given."""
     path = os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path,
+           **({"OMP_NUM_THREADS": str(threads), "ENTRANNAS_TEST_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider",
            *([] if slow else ["-m", "not slow"]), *tests]
     start = time.perf_counter()
@@ -474,14 +478,14 @@ def imports_from(tree: Path) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def audit(mutant: Mutant, timeout: float) -> dict:
+def audit(mutant: Mutant, timeout: float, threads: Optional[int] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.id}-") as tmp:
         tree = Path(tmp)
         tracked_copy(tree)
         for path, old, new in mutant.edits:
             target = tree / path
             target.write_text(target.read_text().replace(old, new, 1))
-        out = run_tests(tree, mutant.tests, timeout, mutant.slow)
+        out = run_tests(tree, mutant.tests, timeout, mutant.slow, threads)
     # pytest: 0 = all passed, 1 = a test failed, 2 = interrupted (an error while collecting: the mutant
     # broke an import); 3-5 (internal error, bad arguments, no tests) mean the audit named tests wrongly
     result = {None: "timeout", 0: "survived", 1: "killed", 2: "killed"}.get(out["rc"], "error")
@@ -489,6 +493,25 @@ def audit(mutant: Mutant, timeout: float) -> dict:
     return {"id": mutant.id, "spec": mutant.spec, "what": mutant.what, "tests": list(mutant.tests),
             "result": result, "killed_by": killed_by, "pytest_rc": out["rc"], "seconds": out["seconds"],
             **({"tail": out["tail"]} if result == "survived" or out["rc"] not in (0, 1) else {})}
+
+
+def audit_all(mutants, timeout: float, jobs: int = 1) -> list[dict]:
+    """Every mutant's row, in the order given. With ``jobs`` > 1 that many mutants are tested at once,
+    each pytest on its share of the CPU cores; the slow ones (Ray sweeps, each starting its own Ray)
+    still run one at a time, after the others."""
+    def done(row: dict) -> dict:
+        print(f"{row['id']}: {row['result']} ({row['killed_by'] or '-'}, {row['seconds']} s)", file=sys.stderr)
+        return row
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    fast = [m for m in mutants if not m.slow]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:   # each audit is a subprocess
+        futures = [pool.submit(audit, m, timeout, threads) for m in fast]
+        for future in concurrent.futures.as_completed(futures):
+            done(future.result())
+    rows = {m.id: f.result() for m, f in zip(fast, futures)}
+    rows.update({m.id: done(audit(m, timeout)) for m in mutants if m.slow})
+    return [rows[m.id] for m in mutants]
 
 
 def _where(spec: str) -> str:
@@ -513,8 +536,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
     p.add_argument("--fast", action="store_true", help="leave out the mutants whose tests are slow (Ray sweeps)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="test N mutants at once, each on its share of the CPU cores (default 1; Ray's one at a time)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be an integer >= 1")
 
     mutants = list(MUTANTS)
     if args.only:
@@ -554,11 +581,9 @@ def main(argv=None) -> int:
                     print(base["tail"], file=sys.stderr)
                     print("the unmutated tree fails these tests: fix that first", file=sys.stderr)
                     return 2
-    rows = []
-    for m in mutants:
-        rows.append(audit(m, args.timeout))
-        r = rows[-1]
-        print(f"{r['id']}: {r['result']} ({r['killed_by'] or '-'}, {r['seconds']} s)", file=sys.stderr)
+    start = time.perf_counter()
+    rows = audit_all(mutants, args.timeout, args.jobs)
+    doc["jobs"], doc["seconds"] = args.jobs, round(time.perf_counter() - start, 1)
     doc["mutants"] = rows
     text = json.dumps(doc, indent=2)
     if args.out:

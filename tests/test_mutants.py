@@ -3,6 +3,8 @@ the code; the audit itself is run by hand (README, Tests)."""
 
 import re
 
+import pytest
+
 import mutants
 
 
@@ -33,3 +35,14 @@ def test_the_audit_kills_a_mutant_in_a_copy_and_leaves_the_tree_alone():
     row = mutants.audit(mutant, timeout=300)
     assert row["result"] == "killed" and row["killed_by"].startswith("tests/test_derive.py::test_edge_softmax")
     assert path.read_text() == before
+
+
+def test_several_jobs_give_each_mutant_its_row_in_the_order_asked(capsys):
+    wanted = ["eq11-sum", "eq5-tau-multiplies", "eq7-left-out"]
+    chosen = [next(m for m in mutants.MUTANTS if m.id == i) for i in wanted]
+    rows = mutants.audit_all(chosen, timeout=300, jobs=2)
+    assert [r["id"] for r in rows] == wanted and {r["result"] for r in rows} == {"killed"}
+    assert rows[1]["killed_by"].startswith("tests/test_derive.py::test_edge_softmax")
+    with pytest.raises(SystemExit):
+        mutants.main(["--jobs", "0"])
+    assert "--jobs 0: must be an integer >= 1" in capsys.readouterr().err
