@@ -1,4 +1,5 @@
 import functools
+import math
 import os
 
 # Ray reads these when it is imported: every Ray process of the tests must agree (MACHINE-NOTES).
@@ -27,6 +28,25 @@ def tiny_batch(seed: int, n: int = 8, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 1, 8, 8, generator=gen).to(device=device, dtype=dtype),
             torch.randint(0, 10, (n,), generator=gen).to(device))
+
+
+def cosine_lrs(lr: float, lr_min: float, epochs: int, n: int | None = None) -> list[float]:
+    """The lr of epochs 0 .. n - 1 (n: ``epochs``) on the cosine from ``lr`` to ``lr_min`` over ``epochs``."""
+    return [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(n or epochs)]
+
+
+def loss_and_accuracy_by_hand(forward, loader) -> tuple[float, float, int]:
+    """Mean cross-entropy, accuracy and number of samples of ``forward``'s logits over ``loader``,
+    summed in Python a batch at a time: a reckoning apart from the ``runtime.loss_and_accuracy`` that
+    the records come from."""
+    loss, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            logits = forward(x)
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+    return loss / n, correct / n, n
 
 
 def cotangent_loss(out: torch.Tensor, seed: int = 0) -> torch.Tensor:

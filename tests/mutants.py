@@ -5,11 +5,11 @@
 
 Each mutant below changes one rule the way a plausible bug would (a wrong sign, the wrong axis, a
 normalisation left out, the wrong batch): a rule of the method, by SPEC.md's sections, or of the data
-path, the fast paths (they compute what the eager path does), the bench's figures, the sweeps and the
-ablation tables.
+path, the fast paths (they compute what the eager path does), the bench's figures, run directories and
+resume ("runs"), bad input ("input"), the sweeps and their trials, and the report ("results").
 For each, a copy of the working tree gets the edit, and pytest runs the tests that guard that rule
-with the copy first on ``sys.path``, stopping at the first failure. The slow tests (end-to-end Ray
-sweeps) run only for the mutants marked ``slow``, which ``--fast`` leaves out. A mutant is *killed*
+with the copy first on ``sys.path``, stopping at the first failure. The slow tests (end-to-end runs: Ray
+sweeps, a CLI search) run only for the mutants marked ``slow``, which ``--fast`` leaves out. A mutant is *killed*
 when a test fails, and *survives* when every test passes: then nothing checks that rule. First the
 unmutated copy must pass the same tests (the baseline), or the audit means nothing. Prints JSON (per
 mutant: the result, the first failing test, seconds) and a short table; exit status 1 if a mutant
@@ -47,7 +47,7 @@ class Mutant:
     what: str
     edits: tuple[tuple[str, str, str], ...]     # (file, text, replacement)
     tests: tuple[str, ...]
-    slow: bool = False                          # its tests are slow ones (end-to-end Ray sweeps)
+    slow: bool = False                          # its tests are slow ones (Ray sweeps, a CLI search)
 
 
 def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str, slow: bool = False) -> Mutant:

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +6,7 @@ from torch.func import functional_call
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.supernet import ARCH_PARAMETER_NAMES
 
-from conftest import tiny_batch, tiny_config, tiny_net
+from conftest import cosine_lrs, tiny_batch, tiny_config, tiny_net
 
 
 def test_lambda_pushes_thresholds_up():
@@ -74,8 +72,7 @@ def test_the_optimisers_are_spec_6s():
         lrs.append(opt.w_optimizer.param_groups[0]["lr"])
         opt.w_optimizer.step()   # nothing has a gradient: no change, but the scheduler's order is kept
         opt.w_scheduler.step()
-    cosine = [0.02 + 0.18 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(5)]
-    assert lrs == pytest.approx(cosine) and lrs[-1] == pytest.approx(0.02)
+    assert lrs == pytest.approx(cosine_lrs(0.2, 0.02, 4, n=5)) and lrs[-1] == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])

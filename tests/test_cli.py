@@ -18,8 +18,9 @@ FAST = ["--set", "layers=3", "--set", "init_channels=4", "--set", "subset_fracti
 def no_model(monkeypatch):
     """Bad input must be refused before any data is loaded or model built."""
     def refuse(*args, **kwargs):
-        raise AssertionError("a Search was started for bad input")
+        raise AssertionError("a Search or an Evaluation was started for bad input")
     monkeypatch.setattr(entrannas.search.Search, "__init__", refuse)
+    monkeypatch.setattr(entrannas.train.Evaluation, "__init__", refuse)
 
 
 BAD = [
@@ -73,9 +74,7 @@ EVAL_BAD = [
 
 
 @pytest.mark.parametrize("setting, message", EVAL_BAD, ids=[s.split("=")[0] for s, _ in EVAL_BAD])
-def test_bad_evaluation_settings_exit_2_before_training(setting, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(entrannas.train.Evaluation, "__init__",
-                        lambda *a, **k: pytest.fail("an Evaluation was started for bad input"))
+def test_bad_evaluation_settings_exit_2_before_training(setting, message, tmp_path, capsys, no_model):
     out = tmp_path / "run"
     assert main(["evaluate", "--genotype", "DARTS_V2", "--set", setting, "--out", str(out)]) == 2
     err = capsys.readouterr().err

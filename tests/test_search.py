@@ -6,7 +6,7 @@ import torch
 from entrannas.compiled import CapturedStructures
 from entrannas.search import Search, SearchDiverged
 
-from conftest import record_as_is, tiny_config
+from conftest import cosine_lrs, loss_and_accuracy_by_hand, record_as_is, tiny_config
 
 VOLATILE = ("seconds", "peak_memory_mb", "derivations", "compile")   # facts of the process, not the search
 
@@ -50,20 +50,14 @@ def test_each_epoch_reports_its_lr_and_the_super_nets_figures_on_the_arch_half()
     for _ in range(3):
         record = search.run_epoch()
         lrs.append(record["lr"])
-        model, loss, correct, n = search.model, 0.0, 0, 0
-        model.eval()
+        search.model.eval()
         search.data.valid.set_epoch(record["epoch"])
-        with torch.no_grad():
-            for x, y in search.data.valid:
-                logits = model(x, arch_grad=False)
-                loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
-                n += len(y)
-        model.train()
+        loss, accuracy, n = loss_and_accuracy_by_hand(lambda x: search.model(x, arch_grad=False), search.data.valid)
+        search.model.train()
         assert n == len(search.data.valid.labels)
-        assert record["valid_loss"] == pytest.approx(loss / n, rel=1e-5)
-        assert record["valid_acc"] == pytest.approx(correct / n)
-    assert lrs == pytest.approx([0.02 + 0.18 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+        assert record["valid_loss"] == pytest.approx(loss, rel=1e-5)
+        assert record["valid_acc"] == pytest.approx(accuracy)
+    assert lrs == pytest.approx(cosine_lrs(0.2, 0.02, 3))
 
 
 def test_a_search_whose_loss_is_not_finite_stops_as_diverged():

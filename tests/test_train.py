@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from entrannas.search import Search
 from entrannas.train import Evaluation, TrainingDiverged, evaluate, training_loss
 from entrannas.zoo import ZOO
 
-from conftest import tiny_config
+from conftest import cosine_lrs, loss_and_accuracy_by_hand, tiny_config
 
 SMALL = dict(dataset="digits", epochs=3, layers=3, init_channels=8, subset_fraction=0.3)
 
@@ -57,7 +56,7 @@ def test_the_optimiser_and_both_lr_schedules_follow_the_config():
     sgd = Evaluation(ZOO["DARTS_V2"], config).optimizer.param_groups[0]
     assert (sgd["lr"], sgd["momentum"], sgd["weight_decay"]) == (0.2, 0.8, 1e-3)
     lrs = [r["lr"] for r in evaluate(ZOO["DARTS_V2"], config)]
-    assert lrs == pytest.approx([0.02 + 0.18 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+    assert lrs == pytest.approx(cosine_lrs(0.2, 0.02, 3))
     step = [r["lr"] for r in evaluate(ZOO["DARTS_V2"], config, lr_schedule="step", lr_gamma=0.5)]
     assert step == pytest.approx([0.2, 0.1, 0.05])
 
@@ -65,15 +64,11 @@ def test_the_optimiser_and_both_lr_schedules_follow_the_config():
 def test_an_epochs_test_error_is_the_networks_on_the_test_set():
     evaluation = Evaluation(ZOO["DARTS_V2"], EvalConfig(**SMALL))
     record = evaluation.run_epoch()
-    model, loss, correct = evaluation.model.eval(), 0.0, 0
-    with torch.no_grad():
-        for x, y in evaluation.data.test:
-            logits = model(x)[0]
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-    n = len(evaluation.data.test.labels)
-    assert record["test_loss"] == pytest.approx(loss / n, rel=1e-5)
-    assert record["test_error"] == pytest.approx(1 - correct / n)
+    model = evaluation.model.eval()
+    loss, accuracy, n = loss_and_accuracy_by_hand(lambda x: model(x)[0], evaluation.data.test)
+    assert n == len(evaluation.data.test.labels)
+    assert record["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert record["test_error"] == pytest.approx(1 - accuracy)
 
 
 def test_an_evaluation_whose_loss_is_not_finite_stops_as_diverged():

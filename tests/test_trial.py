@@ -13,7 +13,7 @@ from orchestrator import trial
 BASE = dict(mode="dst", dataset="digits", epochs=2, layers=3, init_channels=4, batch_size=64,
             subset_fraction=0.25, arch_warmup_epochs=0)
 EVALUATE = dict(dataset="digits", epochs=2, layers=3, init_channels=4, subset_fraction=0.2)
-TIMES = ("search_seconds", "search_seconds_total", "eval_seconds_total", "peak_memory_mb", "node_id")
+TIMES = ("search_seconds", "search_seconds_total", "eval_seconds_total", "peak_memory_mb")
 
 
 @pytest.fixture
