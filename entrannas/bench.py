@@ -17,6 +17,10 @@ parts that set any search setting for that configuration, e.g.
 ``entrannas+placement=all+bottleneck_ratio=1`` (``--set key=value`` sets one for every
 configuration; the label's win). Prints one JSON document
 (every measured figure; also written to ``--out`` after each configuration) and a short table.
+The projected 50-epoch CIFAR-10 search counts the steps (25,000 training images an epoch, the
+warm-up epochs at the weight step alone), as the performance issue defines it, and beside it
+(``+ valid``) the same with each epoch's validation pass over the other 25,000 images, which a
+search runs too (timed in eval mode without autograd, as ``Search.evaluate`` runs it).
 Ratios are only meaningful within one run.
 
 Each timed step does everything a search step does, the derivation of the structure included.
@@ -72,10 +76,12 @@ from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .ops import pool_grad_is_wrong
 from .rundir import write_text_atomic
-from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels, where_it_ran
+from .runtime import (loss_and_correct, peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels,
+                      where_it_ran)
 from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
 from .zoo import load_genotype
 
+#: Images in a CIFAR-10 search epoch (train_portion 0.5 of 50,000), for the weights and again for validation.
 STEPS_PER_EPOCH_CIFAR = 25_000
 VARIANTS = {
     "bf16": {"precision": "bf16"},
@@ -167,6 +173,26 @@ def _timed_block(fn, n: int, device: torch.device) -> float:
         fn(i)
     _sync(device)
     return (time.perf_counter() - start) / n
+
+
+def _timed_validation(opt: BilevelOptimizer, batches, warmup: int, steps: int, repeats: int,
+                      device: torch.device) -> float:
+    """Seconds per batch of a search's validation pass, as ``Search.evaluate`` runs it (eval mode, no
+    autograd, the loss and the correct count summed on the device), the median of ``repeats`` blocks
+    of ``steps`` after ``warmup`` untimed passes (where a compiled or recorded pass of its kind is built)."""
+    def valid_pass(i: int) -> torch.Tensor:
+        x, y = batches[i % len(batches)][1]
+        return loss_and_correct(opt.logits(x), y)
+
+    opt.model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(warmup):
+                valid_pass(i)
+            blocks = sorted(_timed_block(valid_pass, steps, device) for _ in range(repeats))
+    finally:
+        opt.model.train()
+    return blocks[len(blocks) // 2]
 
 
 def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,13 +392,14 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
 
     reset_peak_memory(device)
     rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
-    initial_warm = None
+    initial_warm = initial_valid = None
     if arch:
         # The warm-up epochs run weight steps at the initial state, whatever the search settles on
         # (their memory counts in the peak too).
         for i in range(args.warmup):
             weight_step(i)
         initial_warm = _timed_block(weight_step, args.steps, device)
+        initial_valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
         model.set_architecture(load_genotype(arch))
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
     derivations, structures = model.derivations, set()
@@ -383,12 +410,17 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
     weight_step(0)   # the weight-only pass of the warm-up epochs (compiled here if it is a new kind)
     warm = _timed_block(weight_step, args.steps, device)
+    valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
     blocks.sort()
     per_step = blocks[len(blocks) // 2]
     steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
     warmup_epoch_step = warm if initial_warm is None else initial_warm
     projected = steps * (config.arch_warmup_epochs * warmup_epoch_step
                          + (config.epochs - config.arch_warmup_epochs) * per_step)
+    # Every epoch ends with a validation pass over the other 25,000 images (the warm-up epochs' at
+    # the initial state, as their steps).
+    validation = steps * (config.arch_warmup_epochs * (valid if initial_valid is None else initial_valid)
+                          + (config.epochs - config.arch_warmup_epochs) * valid)
     row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
            "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
@@ -397,12 +429,14 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
            # --arch: the weight step at the initial state, which the projection's warm-up epochs use
            "seconds_per_warmup_step_initial": initial_warm,
+           "seconds_per_valid_batch": valid, "seconds_per_valid_batch_initial": initial_valid,
            "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
            "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
            # CPU: how far the steps raised the process's resident peak (the model, the batches and
            # the imports were there before); per configuration only when it runs alone in a process.
            "cpu_peak_growth_mb": peak_memory_mb(torch.device("cpu")) - rss_before if device.type == "cpu" else None,
            "projected_50_epoch_minutes": projected / 60,
+           "projected_50_epoch_minutes_with_validation": (projected + validation) / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "genotype": model.genotype().to_dict(),   # derived at the end of timing
            "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
@@ -589,24 +623,27 @@ def _both_passes(check: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'warm-up s':>10} "
-             f"{'structures':>10}"]
+    lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'+ valid':>8} "
+             f"{'warm-up s':>10} {'structures':>10}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
             continue
         speed = f"{r['speedup_vs_darts']:.2f}" if r.get("speedup_vs_darts") else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        with_valid = r.get("projected_50_epoch_minutes_with_validation")
+        with_valid = f"{with_valid:.1f}" if with_valid is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
-                     f"{r['projected_50_epoch_minutes']:>12.1f} {r['warmup_seconds']:>10.1f} "
+                     f"{r['projected_50_epoch_minutes']:>12.1f} {with_valid:>8} {r['warmup_seconds']:>10.1f} "
                      f"{r['structures_while_timing']:>10}")
-    lines.append("(structures: derived architectures seen while timing; with compile each new one is built when "
-                 "first seen, as the bench's compile_after is 1 unless --set: use --frozen-arch for a settled search)")
+    lines.append("(+ valid: the 50-epoch projection with each epoch's validation pass; structures: derived "
+                 "architectures seen while timing; with compile each new one is built when first seen, as the "
+                 "bench's compile_after is 1 unless --set: use --frozen-arch for a settled search)")
     settled = {r["config"]: r["arch"] for r in rows if r.get("arch")}
     if settled:
         where = ", ".join(f"{config} at {arch}" for config, arch in settled.items())
         lines.append(f"(timed settled: {where}; the 50-epoch projection counts the warm-up epochs at the initial "
-                     "state's weight step)")
+                     "state's weight step and validation pass)")
     counted = [r for r in rows if r.get("op_count")]
     if counted:
         lines.append("")

@@ -59,6 +59,13 @@ class BilevelOptimizer:
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16,
                               cache_enabled=False)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The super-net's logits for an evaluation pass (a search's validation each epoch): no
+        gradient to alpha or beta, the steps' precision, up-cast for the loss. The caller sets eval
+        mode and turns autograd off."""
+        with self.autocast(x):
+            return full_precision(self.model(x, arch_grad=False))
+
     def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(x):
             logits = self.model(x)

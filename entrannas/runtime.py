@@ -116,15 +116,19 @@ class EpochJob:
             raise ValueError(f"checkpoint version {state.get('version')} is not {self.CHECKPOINT_VERSION}")
 
 
+def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[summed cross-entropy, correct predictions]`` of one batch, left on the device."""
+    return torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+                        (logits.argmax(1) == y).sum().float()])
+
+
 @torch.no_grad()
 def loss_and_accuracy(forward, loader, device: torch.device) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``forward(x) -> logits`` over a loader, one sync at the end."""
     sums, n = torch.zeros(2, device=device), 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = forward(x)
-        sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
-                             (logits.argmax(1) == y).sum().float()])
+        sums += loss_and_correct(forward(x), y)
         n += len(y)
     loss, correct = sums.tolist()
     return loss / n, correct / n

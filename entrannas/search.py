@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .bilevel import BilevelOptimizer, full_precision
+from .bilevel import BilevelOptimizer
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
@@ -101,13 +101,8 @@ class Search(EpochJob):
         """Super-net loss and accuracy on the architecture split."""
         self.model.eval()
         self.data.valid.set_epoch(self.epoch)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            with self.optimizer.autocast(x):
-                return full_precision(self.model(x, arch_grad=False))
-
         try:
-            return loss_and_accuracy(forward, self.data.valid, self.device)
+            return loss_and_accuracy(self.optimizer.logits, self.data.valid, self.device)
         finally:
             self.model.train()
 

@@ -64,6 +64,7 @@ TRIAL, T_TRIAL = "orchestrator/trial.py", "tests/test_trial.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
 T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
+T_BENCH_VALID = "tests/test_fastpaths.py::test_the_bench_times_validation_as_a_search_runs_it"
 #: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
 T_CAPTURE = tuple(f"tests/test_compiled.py::test_{name}" for name in (
     "capture_records_a_hot_structure_and_keeps_the_most_recently_used",
@@ -267,8 +268,8 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("search-lr-never-anneals", "6", "the search's weight lr stays at lr (the scheduler never steps)", SEARCH,
        "        self.optimizer.w_scheduler.step()\n", "", T_SEARCH),
     _m("search-valid-on-train-half", "6", "an epoch's valid loss and accuracy measured on the weights' half",
-       SEARCH, "return loss_and_accuracy(forward, self.data.valid, self.device)",
-       "return loss_and_accuracy(forward, self.data.train, self.device)", T_SEARCH),
+       SEARCH, "return loss_and_accuracy(self.optimizer.logits, self.data.valid, self.device)",
+       "return loss_and_accuracy(self.optimizer.logits, self.data.train, self.device)", T_SEARCH),
     _m("eval-lr-floor-ignored", "8", "the evaluation's cosine schedule ends at 0 whatever lr_min says", TRAIN,
        "eta_min=config.lr_min)", "eta_min=0.0)", T_TRAIN),
     _m("eval-step-schedule-ignored", "8", "lr_schedule: step runs the cosine schedule", TRAIN,
@@ -398,6 +399,18 @@ MUTANTS: tuple[Mutant, ...] = (
        "entrannas/bench.py", "STEPS_PER_EPOCH_CIFAR = 25_000", "STEPS_PER_EPOCH_CIFAR = 50_000", T_BENCH),
     _m("step-time-fastest-block", "bench", "the step time from the fastest block, not the median",
        "entrannas/bench.py", "per_step = blocks[len(blocks) // 2]", "per_step = blocks[0]", T_BENCH),
+    _m("projection-without-validation", "bench", "the projection with validation leaves the validation out",
+       "entrannas/bench.py", '"projected_50_epoch_minutes_with_validation": (projected + validation) / 60',
+       '"projected_50_epoch_minutes_with_validation": projected / 60', T_BENCH),
+    _m("validation-warmup-settled", "bench", "--arch: the warm-up epochs' validation timed at the settled state",
+       "entrannas/bench.py", "(valid if initial_valid is None else initial_valid)", "valid",
+       "tests/test_fastpaths.py::test_bench_times_a_search_settled_at_a_given_genotype"),
+    _m("validation-with-autograd", "bench", "the validation pass timed with autograd on",
+       "entrannas/bench.py", "        with torch.no_grad():\n            for i in range(warmup):",
+       "        with torch.enable_grad():\n            for i in range(warmup):", T_BENCH_VALID),
+    _m("validation-leaves-eval-mode", "bench", "the steps after the validation timing run in eval mode",
+       "entrannas/bench.py", "    finally:\n        opt.model.train()\n    return blocks",
+       "    finally:\n        pass\n    return blocks", T_BENCH_VALID),
     _m("check-against-own-layout", "bench", "--check compares a configuration with eager in its own layout",
        "entrannas/bench.py", "reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout))",
        "reference = SearchNetwork(model.spec)", "tests/test_fastpaths.py"),

@@ -75,11 +75,41 @@ def test_bench_prints_json_a_table_and_checks_each_fast_path(capsys, tmp_path):
     assert dst["check"]["arch_pass"]["grad_cosine"] > 0.9
     assert "s/step" in captured.err and "x darts" in captured.err and "dst+bf16" in captured.err
     # The issue's projection: ceil(25,000 / batch) steps an epoch, the 15 warm-up epochs at the
-    # weight-only step, the other 35 at the full step, which is the median block.
+    # weight-only step, the other 35 at the full step, which is the median block; beside it, the same
+    # with a validation pass over as many batches in each of the 50 epochs.
     for r in doc["results"]:
         assert r["seconds_per_step"] == sorted(r["seconds_per_step_blocks"])[1]
-        minutes = math.ceil(25_000 / 4) * (15 * r["seconds_per_warmup_step"] + 35 * r["seconds_per_step"]) / 60
+        batches = math.ceil(25_000 / 4)
+        minutes = batches * (15 * r["seconds_per_warmup_step"] + 35 * r["seconds_per_step"]) / 60
         assert r["projected_50_epoch_minutes"] == pytest.approx(minutes)
+        assert r["seconds_per_valid_batch"] > 0 and r["seconds_per_valid_batch_initial"] is None
+        assert r["projected_50_epoch_minutes_with_validation"] == pytest.approx(
+            minutes + batches * 50 * r["seconds_per_valid_batch"] / 60)
+    assert "+ valid" in captured.err
+
+
+def test_the_bench_times_validation_as_a_search_runs_it(monkeypatch, capsys):
+    """The validation pass is timed as ``Search.evaluate`` runs it: the optimizer's logits in eval
+    mode without autograd; the steps before and after run in training mode."""
+    calls, weight_passes = [], []
+    logits, weight_loss = BilevelOptimizer.logits, BilevelOptimizer.weight_loss
+
+    def recording(self, x):
+        calls.append((self.model.training, torch.is_grad_enabled()))
+        return logits(self, x)
+
+    def recording_weight_loss(self, x, y):
+        weight_passes.append(self.model.training)
+        return weight_loss(self, x, y)
+
+    monkeypatch.setattr(BilevelOptimizer, "logits", recording)
+    monkeypatch.setattr(BilevelOptimizer, "weight_loss", recording_weight_loss)
+    assert bench_main(["--configs", "entrannas", "--layers", "3", "--channels", "4", "--batch-size", "4",
+                       "--image-size", "8", "--steps", "2", "--repeats", "3", "--warmup", "1", "--device", "cpu",
+                       "--frozen-arch", "--check"]) == 0
+    assert calls == [(False, False)] * (1 + 2 * 3)   # warm-up, then 3 blocks of 2
+    assert len(weight_passes) > 2 * 3 and all(weight_passes)   # --check's passes come after validation
+    capsys.readouterr()
 
 
 def test_the_checks_references_are_the_eager_path_against_itself():
@@ -273,9 +303,13 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(genotype_masks(timed, prims, 4),
                                                      genotype_masks(load_genotype(str(wanted)), prims, 4)))
         assert r["seconds_per_warmup_step_initial"] > 0
+        assert r["seconds_per_valid_batch_initial"] > 0
         steps = -(-25_000 // 4)
         assert r["projected_50_epoch_minutes"] * 60 == pytest.approx(
             steps * (15 * r["seconds_per_warmup_step_initial"] + 35 * r["seconds_per_step"]))
+        assert r["projected_50_epoch_minutes_with_validation"] * 60 == pytest.approx(
+            r["projected_50_epoch_minutes"] * 60
+            + steps * (15 * r["seconds_per_valid_batch_initial"] + 35 * r["seconds_per_valid_batch"]))
     entrannas, dst, darts = (r["op_count"]["ops_per_step"] for r in rows)
     # Settled at 25 ops in its two cells, DST's Engine-cells run those alone; EnTranNAS's run every op.
     assert dst < entrannas < darts
