@@ -82,9 +82,12 @@ class Search(EpochJob):
         if not np.isfinite(train_loss):
             raise SearchDiverged(f"epoch {self.epoch}: training loss is {train_loss / n_train}; "
                                  "lower lr or arch_lr")
-        valid_loss, valid_acc = self.evaluate()
+        valid_start = time.perf_counter()
+        valid_loss, valid_acc = self.evaluate()   # ends in a sync, as the training loop's sums did
+        end = time.perf_counter()
         record = self._record(train_loss / n_train, train_correct / n_train, valid_loss, valid_acc,
-                              lr, update_arch, time.perf_counter() - start)
+                              lr, update_arch, end - start)
+        record["valid_seconds"] = end - valid_start   # the validation pass's share of "seconds"
         # Host syncs to read a derived structure, and compiled/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
         record["structures"] = len(structures)

@@ -8,7 +8,8 @@ from entrannas.search import Search, SearchDiverged
 
 from conftest import cosine_lrs, loss_and_accuracy_by_hand, record_as_is, tiny_config
 
-VOLATILE = ("seconds", "peak_memory_mb", "derivations", "compile")   # facts of the process, not the search
+# facts of the process, not the search
+VOLATILE = ("seconds", "valid_seconds", "peak_memory_mb", "derivations", "compile")
 
 
 def stable(record: dict) -> dict:
@@ -40,6 +41,22 @@ def test_records_carry_what_spec_6_lists():
     # where it ran: the thread count changes the trajectory of a seed, so it is recorded
     assert (record["device"], record["device_name"]) == ("cpu", None)
     assert record["torch"] == torch.__version__ and record["threads"] == torch.get_num_threads()
+
+
+def test_an_epoch_reports_the_seconds_its_validation_pass_took(monkeypatch):
+    """``valid_seconds``: the share of the epoch's ``seconds`` spent in ``Search.evaluate``."""
+    import time
+
+    evaluate = Search.evaluate
+
+    def slow_evaluate(self):
+        time.sleep(0.3)
+        return evaluate(self)
+
+    monkeypatch.setattr(Search, "evaluate", slow_evaluate)
+    record = Search(small(mode="entrannas", epochs=1, subset_fraction=0.1)).run_epoch()
+    assert 0.3 <= record["valid_seconds"] < record["seconds"]
+    assert record["seconds"] - record["valid_seconds"] > 0   # the training steps before it
 
 
 def test_each_epoch_reports_its_lr_and_the_super_nets_figures_on_the_arch_half():
