@@ -576,6 +576,30 @@ def test_structure_churn_runs_a_search_per_mode(capsys, tmp_path):
     assert "share of the steps that run built" in capsys.readouterr().err
 
 
+def test_projection_check_sets_each_epoch_against_the_benchs_figures(capsys, tmp_path):
+    check = _script("projection_check")
+    out = tmp_path / "check.json"
+    assert check.main(["--modes", "entrannas", "--layers", "3", "--channels", "4", "--batch-size", "16",
+                       "--epochs", "2", "--steps", "1", "--set", "subset_fraction=0.1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    bench, steps, batches = row["bench"], row["steps_per_epoch"], row["valid_batches_per_epoch"]
+    assert row["config"]["subset_fraction"] == 0.1 and steps > 1 and batches > 1
+    warm, full = row["epochs"]
+    assert (warm["warmup"], full["warmup"]) == (True, False)
+    assert warm["predicted_seconds"] == pytest.approx(steps * bench["seconds_per_warmup_step"]
+                                                      + batches * bench["seconds_per_valid_batch"])
+    assert full["predicted_seconds"] == pytest.approx(steps * bench["seconds_per_step"]
+                                                      + batches * bench["seconds_per_valid_batch"])
+    assert all(0 < e["valid_seconds"] < e["seconds"] for e in row["epochs"])
+    assert "measured s" in capsys.readouterr().err
+
+
+def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys):
+    check = _script("projection_check")
+    assert check.main(["--modes", "entrannas", "--set", "batch_size=0"]) == 2
+    assert "batch_size = 0" in capsys.readouterr().err
+
+
 def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     """A typo in benchmarks/gpu_session.sh would cost a lent GPU's few minutes: its default
     configurations must parse, and its --arch genotypes must be derivable by each mode."""
