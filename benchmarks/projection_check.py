@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -96,6 +95,7 @@ def main(argv=None) -> int:
     if args.epochs < 2:
         p.error(f"--epochs = {args.epochs}: must be >= 2 (one warm-up epoch, then at least one of full steps)")
     from entrannas.config import ConfigError
+    from entrannas.rundir import print_results
 
     try:
         configs = {mode: search_config(mode, args) for mode in args.modes}
@@ -106,12 +106,7 @@ def main(argv=None) -> int:
         rows = [check(mode, config, args) for mode, config in configs.items()]
     except subprocess.CalledProcessError:   # the bench's own message is printed
         return 1
-    doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]), "results": rows}
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    print(table(rows), file=sys.stderr)
+    print_results(rows, table(rows), args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -83,13 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other SearchConfig field")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    from entrannas.rundir import print_results
+
     rows = [churn(mode, args) for mode in args.modes]
-    doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]), "results": rows}
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    print(table(rows), file=sys.stderr)
+    print_results(rows, table(rows), args.out)
     return 0
 
 

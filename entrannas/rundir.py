@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 import yaml
@@ -86,6 +88,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def print_results(rows: list[dict], table: str, out: Optional[Path]) -> None:
+    """A benchmark script's output: one JSON document (date, command, ``rows`` as its results) on stdout
+    and, written atomically, in ``out``; the short table on stderr."""
+    doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]), "results": rows}
+    text = json.dumps(doc, indent=2)
+    if out:
+        write_text_atomic(Path(out), text + "\n")
+    print(text)
+    print(table, file=sys.stderr)
 
 
 def format_record(record: dict) -> str:
