@@ -63,8 +63,9 @@ COLLECT, REPORT, T_RESULTS = "results/collect.py", "results/report.py", "tests/t
 TRIAL, T_TRIAL = "orchestrator/trial.py", "tests/test_trial.py"
 T_DERIVE, T_SUPERNET, T_BILEVEL = "tests/test_derive.py", "tests/test_supernet.py", "tests/test_bilevel.py"
 T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/test_genotype.py"
-T_BENCH = "tests/test_fastpaths.py::test_bench_prints_json_a_table_and_checks_each_fast_path"
-T_BENCH_VALID = "tests/test_fastpaths.py::test_the_bench_times_validation_as_a_search_runs_it"
+BENCH, T_FASTPATHS = "entrannas/bench.py", "tests/test_fastpaths.py"
+T_BENCH = f"{T_FASTPATHS}::test_bench_prints_json_a_table_and_checks_each_fast_path"
+T_BENCH_VALID = f"{T_FASTPATHS}::test_the_bench_times_validation_as_a_search_runs_it"
 #: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
 T_CAPTURE = tuple(f"tests/test_compiled.py::test_{name}" for name in (
     "capture_records_a_hot_structure_and_keeps_the_most_recently_used",
@@ -396,37 +397,37 @@ MUTANTS: tuple[Mutant, ...] = (
        "        if len(keys) > 1:", "        if False:", T_RESULTS),
     # -- the bench's figures (the performance issue's targets are read from them)
     _m("projection-no-warmup", "bench", "the 50-epoch projection times every epoch at the full step",
-       "entrannas/bench.py", "+ (config.epochs - config.arch_warmup_epochs) * per_step)",
+       BENCH, "+ (config.epochs - config.arch_warmup_epochs) * per_step)",
        "+ config.epochs * per_step)", T_BENCH),
     _m("projection-all-images", "bench", "an epoch of the projection runs all 50,000 images, not 25,000",
-       "entrannas/bench.py", "STEPS_PER_EPOCH_CIFAR = 25_000", "STEPS_PER_EPOCH_CIFAR = 50_000", T_BENCH),
+       BENCH, "STEPS_PER_EPOCH_CIFAR = 25_000", "STEPS_PER_EPOCH_CIFAR = 50_000", T_BENCH),
     _m("step-time-fastest-block", "bench", "the step time from the fastest block, not the median",
-       "entrannas/bench.py", "per_step = blocks[len(blocks) // 2]", "per_step = blocks[0]", T_BENCH),
+       BENCH, "per_step = blocks[len(blocks) // 2]", "per_step = blocks[0]", T_BENCH),
     _m("projection-without-validation", "bench", "the projection with validation leaves the validation out",
-       "entrannas/bench.py", '"projected_50_epoch_minutes_with_validation": (projected + validation) / 60',
+       BENCH, '"projected_50_epoch_minutes_with_validation": (projected + validation) / 60',
        '"projected_50_epoch_minutes_with_validation": projected / 60', T_BENCH),
     _m("validation-warmup-settled", "bench", "--arch: the warm-up epochs' validation timed at the settled state",
-       "entrannas/bench.py", "(valid if initial_valid is None else initial_valid)", "valid",
-       "tests/test_fastpaths.py::test_bench_times_a_search_settled_at_a_given_genotype"),
+       BENCH, "(valid if initial_valid is None else initial_valid)", "valid",
+       f"{T_FASTPATHS}::test_bench_times_a_search_settled_at_a_given_genotype"),
     _m("validation-with-autograd", "bench", "the validation pass timed with autograd on",
-       "entrannas/bench.py", "        with torch.no_grad():\n            for i in range(warmup):",
+       BENCH, "        with torch.no_grad():\n            for i in range(warmup):",
        "        with torch.enable_grad():\n            for i in range(warmup):", T_BENCH_VALID),
     _m("validation-leaves-eval-mode", "bench", "the steps after the validation timing run in eval mode",
-       "entrannas/bench.py", "    finally:\n        opt.model.train()\n    return blocks",
+       BENCH, "    finally:\n        opt.model.train()\n    return blocks",
        "    finally:\n        pass\n    return blocks", T_BENCH_VALID),
     _m("projection-check-warmup-at-full-step", "bench", "projection_check predicts a warm-up epoch at the full step",
        "benchmarks/projection_check.py",
        'step = bench["seconds_per_warmup_step"] if warmup else bench["seconds_per_step"]',
        'step = bench["seconds_per_step"]',
-       "tests/test_fastpaths.py::test_projection_check_sets_each_epoch_against_the_benchs_figures"),
+       f"{T_FASTPATHS}::test_projection_check_sets_each_epoch_against_the_benchs_figures"),
     _m("check-against-own-layout", "bench", "--check compares a configuration with eager in its own layout",
-       "entrannas/bench.py", "reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout))",
-       "reference = SearchNetwork(model.spec)", "tests/test_fastpaths.py"),
+       BENCH, "reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout))",
+       "reference = SearchNetwork(model.spec)", T_FASTPATHS),
     _m("check-against-own-precision", "bench", "--check's eager reference runs at the configuration's precision",
-       "entrannas/bench.py", 'opt.config.replace(precision="fp32", compile="off", **eager_layout)',
-       'opt.config.replace(compile="off", **eager_layout)', "tests/test_fastpaths.py"),
+       BENCH, 'opt.config.replace(precision="fp32", compile="off", **eager_layout)',
+       'opt.config.replace(compile="off", **eager_layout)', T_FASTPATHS),
     _m("check-blocks-input-first", "bench", "--check's cosines per block from the input forward",
-       "entrannas/bench.py", "    return rows[::-1]\n", "    return rows\n", "tests/test_fastpaths.py"),
+       BENCH, "    return rows[::-1]\n", "    return rows\n", T_FASTPATHS),
     # -- the fast paths compute what the plain eager path does (the performance issue)
     _m("channels-last-mix-transposed", "fast path", "an Engine-cell's mix in channels_last swaps H and W",
        SUPERNET, ".permute(0, 1, 4, 2, 3)", ".permute(0, 1, 4, 3, 2)", T_SUPERNET),

@@ -594,8 +594,9 @@ def test_projection_check_sets_each_epoch_against_the_benchs_figures(capsys, tmp
     assert "measured s" in capsys.readouterr().err
 
 
-def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys):
+def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys, monkeypatch):
     check = _script("projection_check")
+    monkeypatch.setattr(check, "bench_figures", lambda *a: pytest.fail("the bench ran for a bad setting"))
     assert check.main(["--modes", "entrannas", "--set", "batch_size=0"]) == 2
     assert "batch_size = 0" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -45,8 +46,6 @@ def test_records_carry_what_spec_6_lists():
 
 def test_an_epoch_reports_the_seconds_its_validation_pass_took(monkeypatch):
     """``valid_seconds``: the share of the epoch's ``seconds`` spent in ``Search.evaluate``."""
-    import time
-
     evaluate = Search.evaluate
 
     def slow_evaluate(self):
