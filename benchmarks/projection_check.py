@@ -47,6 +47,17 @@ def search_config(mode: str, args: argparse.Namespace):
                               f"batch_size={args.batch_size}", f"device={args.device}", *args.set])
 
 
+def full_steps_checked(config):
+    """``config`` if its search runs at least one epoch of full steps after the warm-up, the epochs
+    that the bench's main figure predicts (``--epochs`` and ``--set`` both reach it)."""
+    from entrannas.config import ConfigError
+
+    if config.epochs <= config.arch_warmup_epochs:
+        raise ConfigError("epochs", config.epochs, f"must be more than arch_warmup_epochs "
+                          f"({config.arch_warmup_epochs}), so that at least one epoch runs full steps")
+    return config
+
+
 def check(mode: str, config, args: argparse.Namespace) -> dict:
     from entrannas.search import Search
 
@@ -85,20 +96,18 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--channels", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3, help="one warm-up epoch, then full steps")
+    p.add_argument("--epochs", type=int, default=3, help="one warm-up epoch, then full steps (at least 2)")
     p.add_argument("--steps", type=int, default=5, help="the bench's timed steps per block (3 blocks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for the bench and the search alike")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if args.epochs < 2:
-        p.error(f"--epochs = {args.epochs}: must be >= 2 (one warm-up epoch, then at least one of full steps)")
     from entrannas.config import ConfigError
     from entrannas.rundir import print_results
 
     try:
-        configs = {mode: search_config(mode, args) for mode in args.modes}
+        configs = {mode: full_steps_checked(search_config(mode, args)) for mode in args.modes}
     except ConfigError as e:
         print(f"projection_check: error: {e}", file=sys.stderr)
         return 2

@@ -66,6 +66,7 @@ T_EVAL, T_OPS, T_GENO = "tests/test_evalnet.py", "tests/test_ops.py", "tests/tes
 BENCH, T_FASTPATHS = "entrannas/bench.py", "tests/test_fastpaths.py"
 T_BENCH = f"{T_FASTPATHS}::test_bench_prints_json_a_table_and_checks_each_fast_path"
 T_BENCH_VALID = f"{T_FASTPATHS}::test_the_bench_times_validation_as_a_search_runs_it"
+PROJECTION_CHECK = "benchmarks/projection_check.py"
 #: test_compiled.py's tests of recorded passes (the rest of that file compiles, minutes on a CPU)
 T_CAPTURE = tuple(f"tests/test_compiled.py::test_{name}" for name in (
     "capture_records_a_hot_structure_and_keeps_the_most_recently_used",
@@ -416,10 +417,14 @@ MUTANTS: tuple[Mutant, ...] = (
        BENCH, "    finally:\n        opt.model.train()\n    return blocks",
        "    finally:\n        pass\n    return blocks", T_BENCH_VALID),
     _m("projection-check-warmup-at-full-step", "bench", "projection_check predicts a warm-up epoch at the full step",
-       "benchmarks/projection_check.py",
+       PROJECTION_CHECK,
        'step = bench["seconds_per_warmup_step"] if warmup else bench["seconds_per_step"]',
        'step = bench["seconds_per_step"]',
        f"{T_FASTPATHS}::test_projection_check_sets_each_epoch_against_the_benchs_figures"),
+    _m("projection-check-warmup-only", "bench", "projection_check runs a search of warm-up epochs alone",
+       PROJECTION_CHECK, "if config.epochs <= config.arch_warmup_epochs:",
+       "if config.epochs < config.arch_warmup_epochs:",
+       f"{T_FASTPATHS}::test_projection_check_refuses_a_bad_setting_before_running_anything"),
     _m("check-against-own-layout", "bench", "--check compares a configuration with eager in its own layout",
        BENCH, "reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout))",
        "reference = SearchNetwork(model.spec)", T_FASTPATHS),

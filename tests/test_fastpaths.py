@@ -599,6 +599,10 @@ def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys, 
     monkeypatch.setattr(check, "bench_figures", lambda *a: pytest.fail("the bench ran for a bad setting"))
     assert check.main(["--modes", "entrannas", "--set", "batch_size=0"]) == 2
     assert "batch_size = 0" in capsys.readouterr().err
+    # the settings the search resolves are checked, whichever option set them
+    for argv in (["--epochs", "1"], ["--set", "epochs=1"], ["--epochs", "3", "--set", "arch_warmup_epochs=3"]):
+        assert check.main(["--modes", "entrannas", *argv]) == 2
+        assert "must be more than arch_warmup_epochs" in capsys.readouterr().err
 
 
 def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
