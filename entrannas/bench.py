@@ -53,6 +53,7 @@ import gc
 import json
 import platform
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -76,8 +77,8 @@ from .derive import arch_for_genotype
 from .genotype import GenotypeError
 from .ops import pool_grad_is_wrong
 from .rundir import write_text_atomic
-from .runtime import (loss_and_correct, peak_memory_mb, reset_peak_memory, resolve_device, use_fast_kernels,
-                      where_it_ran)
+from .runtime import (evaluating, loss_and_correct, peak_memory_mb, reset_peak_memory, resolve_device,
+                      use_fast_kernels, where_it_ran)
 from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
 from .zoo import load_genotype
 
@@ -184,15 +185,10 @@ def _timed_validation(opt: BilevelOptimizer, batches, warmup: int, steps: int, r
         x, y = batches[i % len(batches)][1]
         return loss_and_correct(opt.logits(x), y)
 
-    opt.model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(warmup):
-                valid_pass(i)
-            blocks = sorted(_timed_block(valid_pass, steps, device) for _ in range(repeats))
-    finally:
-        opt.model.train()
-    return blocks[len(blocks) // 2]
+    with evaluating(opt.model):
+        for i in range(warmup):
+            valid_pass(i)
+        return statistics.median_high(_timed_block(valid_pass, steps, device) for _ in range(repeats))
 
 
 def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,15 +408,19 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     warm = _timed_block(weight_step, args.steps, device)
     valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
     blocks.sort()
-    per_step = blocks[len(blocks) // 2]
+    per_step = statistics.median_high(blocks)
     steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
-    warmup_epoch_step = warm if initial_warm is None else initial_warm
-    projected = steps * (config.arch_warmup_epochs * warmup_epoch_step
-                         + (config.epochs - config.arch_warmup_epochs) * per_step)
+
+    def search_seconds(warmup_batch: float, full_batch: float) -> float:
+        """Seconds of a search's epochs, ``steps`` batches each: ``warmup_batch`` seconds a batch in the
+        warm-up epochs, ``full_batch`` in the others."""
+        return steps * (config.arch_warmup_epochs * warmup_batch
+                        + (config.epochs - config.arch_warmup_epochs) * full_batch)
+
+    projected = search_seconds(warm if initial_warm is None else initial_warm, per_step)
     # Every epoch ends with a validation pass over the other 25,000 images (the warm-up epochs' at
     # the initial state, as their steps).
-    validation = steps * (config.arch_warmup_epochs * (valid if initial_valid is None else initial_valid)
-                          + (config.epochs - config.arch_warmup_epochs) * valid)
+    validation = search_seconds(valid if initial_valid is None else initial_valid, valid)
     row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
            "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
@@ -631,7 +631,7 @@ def table(rows: list[dict]) -> str:
             continue
         speed = f"{r['speedup_vs_darts']:.2f}" if r.get("speedup_vs_darts") else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
-        with_valid = r.get("projected_50_epoch_minutes_with_validation")
+        with_valid = r.get("projected_50_epoch_minutes_with_validation")   # a row built elsewhere may lack it
         with_valid = f"{with_valid:.1f}" if with_valid is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
                      f"{r['projected_50_epoch_minutes']:>12.1f} {with_valid:>8} {r['warmup_seconds']:>10.1f} "

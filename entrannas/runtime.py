@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import random
 import resource
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -114,6 +115,17 @@ class EpochJob:
     def _check_version(self, state: dict) -> None:
         if state.get("version") != self.CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint version {state.get('version')} is not {self.CHECKPOINT_VERSION}")
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """An evaluation pass: ``model`` in eval mode and autograd off inside, back to training mode after."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
 
 
 def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

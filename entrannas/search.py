@@ -13,8 +13,8 @@ from .bilevel import BilevelOptimizer
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
-from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device, rng_state,
-                      seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
+from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
+                      rng_state, seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
 
@@ -102,12 +102,9 @@ class Search(EpochJob):
 
     def evaluate(self) -> tuple[float, float]:
         """Super-net loss and accuracy on the architecture split."""
-        self.model.eval()
         self.data.valid.set_epoch(self.epoch)
-        try:
+        with evaluating(self.model):
             return loss_and_accuracy(self.optimizer.logits, self.data.valid, self.device)
-        finally:
-            self.model.train()
 
     def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
         m = self.model

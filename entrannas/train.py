@@ -13,7 +13,7 @@ from .config import EvalConfig
 from .data import build_eval_data
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
-from .runtime import (EpochJob, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
+from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
                       rng_state, seed_everything, set_rng_state, use_fast_kernels, fused_available, where_it_ran)
 
 class TrainingDiverged(RuntimeError):
@@ -101,11 +101,8 @@ class Evaluation(EpochJob):
         return record
 
     def test(self) -> tuple[float, float]:
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             return loss_and_accuracy(lambda x: self.model(x)[0], self.data.test, self.device)
-        finally:
-            self.model.train()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -57,6 +57,7 @@ def _m(id: str, spec: str, what: str, path: str, old: str, new: str, *tests: str
 DERIVE, SUPERNET, BILEVEL = "entrannas/derive.py", "entrannas/supernet.py", "entrannas/bilevel.py"
 DATA, T_DATA = "entrannas/data.py", "tests/test_data.py"
 SEARCH, TRAIN, RUNDIR = "entrannas/search.py", "entrannas/train.py", "entrannas/rundir.py"
+RUNTIME = "entrannas/runtime.py"
 T_SEARCH, T_TRAIN = "tests/test_search.py", "tests/test_train.py"
 CONFIG, T_CLI = "entrannas/config.py", "tests/test_cli.py"
 COLLECT, REPORT, T_RESULTS = "results/collect.py", "results/report.py", "tests/test_results.py"
@@ -398,24 +399,25 @@ MUTANTS: tuple[Mutant, ...] = (
        "        if len(keys) > 1:", "        if False:", T_RESULTS),
     # -- the bench's figures (the performance issue's targets are read from them)
     _m("projection-no-warmup", "bench", "the 50-epoch projection times every epoch at the full step",
-       BENCH, "+ (config.epochs - config.arch_warmup_epochs) * per_step)",
-       "+ config.epochs * per_step)", T_BENCH),
+       BENCH, "+ (config.epochs - config.arch_warmup_epochs) * full_batch)",
+       "+ config.epochs * full_batch)", T_BENCH),
     _m("projection-all-images", "bench", "an epoch of the projection runs all 50,000 images, not 25,000",
        BENCH, "STEPS_PER_EPOCH_CIFAR = 25_000", "STEPS_PER_EPOCH_CIFAR = 50_000", T_BENCH),
     _m("step-time-fastest-block", "bench", "the step time from the fastest block, not the median",
-       BENCH, "per_step = blocks[len(blocks) // 2]", "per_step = blocks[0]", T_BENCH),
+       BENCH, "per_step = statistics.median_high(blocks)", "per_step = blocks[0]", T_BENCH),
     _m("projection-without-validation", "bench", "the projection with validation leaves the validation out",
        BENCH, '"projected_50_epoch_minutes_with_validation": (projected + validation) / 60',
        '"projected_50_epoch_minutes_with_validation": projected / 60', T_BENCH),
     _m("validation-warmup-settled", "bench", "--arch: the warm-up epochs' validation timed at the settled state",
-       BENCH, "(valid if initial_valid is None else initial_valid)", "valid",
+       BENCH, "search_seconds(valid if initial_valid is None else initial_valid, valid)",
+       "search_seconds(valid, valid)",
        f"{T_FASTPATHS}::test_bench_times_a_search_settled_at_a_given_genotype"),
-    _m("validation-with-autograd", "bench", "the validation pass timed with autograd on",
-       BENCH, "        with torch.no_grad():\n            for i in range(warmup):",
-       "        with torch.enable_grad():\n            for i in range(warmup):", T_BENCH_VALID),
-    _m("validation-leaves-eval-mode", "bench", "the steps after the validation timing run in eval mode",
-       BENCH, "    finally:\n        opt.model.train()\n    return blocks",
-       "    finally:\n        pass\n    return blocks", T_BENCH_VALID),
+    _m("validation-with-autograd", "bench", "an evaluation pass (the bench's timed validation) with autograd on",
+       RUNTIME, "        with torch.no_grad():\n            yield",
+       "        with torch.enable_grad():\n            yield", T_BENCH_VALID),
+    _m("validation-leaves-eval-mode", "bench", "an evaluation pass leaves eval mode on (the bench's steps after it)",
+       RUNTIME, "    finally:\n        model.train()\n\n\ndef loss_and_correct",
+       "    finally:\n        pass\n\n\ndef loss_and_correct", T_BENCH_VALID),
     _m("projection-check-warmup-at-full-step", "bench", "projection_check predicts a warm-up epoch at the full step",
        PROJECTION_CHECK,
        'step = bench["seconds_per_warmup_step"] if warmup else bench["seconds_per_step"]',
