@@ -16,6 +16,13 @@ from entrannas.config import SearchConfig
 from entrannas.supernet import SearchNetwork, SupernetSpec
 
 TINY = dict(layers=3, init_channels=4, nodes=4)
+#: Fields of an epoch record that the clock or the process decide: two runs of a seed differ there.
+TIMED = ("seconds", "valid_seconds", "peak_memory_mb")
+
+
+def untimed(record: dict, also: tuple = ()) -> dict:
+    """``record`` less its ``TIMED`` fields (and ``also``): what the seed decides."""
+    return {k: v for k, v in record.items() if k not in TIMED + also}
 
 
 def tiny_config(**changes) -> SearchConfig:

@@ -11,6 +11,8 @@ from entrannas.cli import main
 from entrannas.config import ConfigError, SearchConfig, load_config, read_yaml
 from entrannas.rundir import RunDir, RunDirError
 
+from conftest import untimed
+
 FAST = ["--set", "layers=3", "--set", "init_channels=4", "--set", "subset_fraction=0.2", "--set", "batch_size=64"]
 
 
@@ -216,10 +218,10 @@ def test_interrupted_cli_search_resumes_to_the_same_result(tmp_path):
     with open(part / "history.jsonl", "a") as fh:   # a record written after the checkpoint, then a crash
         fh.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
     assert main([*common, "--set", "epochs=3", "--out", str(part), "--resume"]) == 0
-    timed = ("seconds", "valid_seconds", "peak_memory_mb")
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in timed}  # noqa: E731
-                       for l in (p / "history.jsonl").read_text().splitlines()]
-    assert strip(part) == strip(whole)
+    def history(run):
+        return [untimed(json.loads(line)) for line in (run / "history.jsonl").read_text().splitlines()]
+
+    assert history(part) == history(whole)
     assert (part / "genotype.json").read_text() == (whole / "genotype.json").read_text()
 
 

@@ -10,7 +10,7 @@ from entrannas.search import Search
 from entrannas.train import Evaluation, TrainingDiverged, evaluate, training_loss
 from entrannas.zoo import ZOO
 
-from conftest import cosine_lrs, loss_and_accuracy_by_hand, tiny_config
+from conftest import cosine_lrs, loss_and_accuracy_by_hand, tiny_config, untimed
 
 SMALL = dict(dataset="digits", epochs=3, layers=3, init_channels=8, subset_fraction=0.3)
 
@@ -83,14 +83,13 @@ def test_evaluation_resumes_exactly(tmp_path):
     probability 0) and the lr schedule (it sets epoch 3's lr) come back with the weights."""
     config = EvalConfig(**{**SMALL, "epochs": 4}, drop_path_prob=0.2)
     whole = Evaluation(ZOO["PC_DARTS"], config)
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "peak_memory_mb")}  # noqa: E731
-    expected = [strip(r) for r in whole.run()]
+    expected = [untimed(r) for r in whole.run()]
     first = Evaluation(ZOO["PC_DARTS"], config)
-    got = [strip(first.run_epoch()), strip(first.run_epoch())]
+    got = [untimed(first.run_epoch()), untimed(first.run_epoch())]
     first.save(tmp_path / "c.pt")
     second = Evaluation(ZOO["PC_DARTS"], config)
     second.load(tmp_path / "c.pt")
-    got += [strip(r) for r in second.run()]
+    got += [untimed(r) for r in second.run()]
     assert got == expected
     with pytest.raises(ValueError, match="different genotype"):
         Evaluation(ZOO["DARTS_V1"], config).load(tmp_path / "c.pt")
