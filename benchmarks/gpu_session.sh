@@ -71,9 +71,10 @@ CHURN_AFTER=${CHURN_AFTER:-3}   # a search's compile_after for capture (the benc
 INDUCTOR_CONFIGS=${INDUCTOR_CONFIGS:-entrannas+graphs+bf16+cl dst+graphs+bf16+cl}
 INDUCTOR_LIMIT=${INDUCTOR_LIMIT:-90}
 PROFILE=${PROFILE:-0}
-TEST_RUNS=${TEST_RUNS:-capture:100}   # session 8 ran 23 tests within 70 s; there are more now
+TEST_RUNS=${TEST_RUNS:-capture:120}   # session 8 ran 23 tests within 70 s; 31 now (session 19)
 TESTS=${TESTS:-tests/test_compiled.py}
 SEARCH_COMPILE=${SEARCH_COMPILE:-capture}
+SEARCH_LIMIT=${SEARCH_LIMIT:-60}
 mkdir -p "$OUT"
 PY=${PY:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -131,7 +132,7 @@ fi
 if wanted search; then
     stage search
     rm -rf /tmp/entrannas-search /tmp/search.log
-    timeout 60 "$PY" -m entrannas search --set dataset=synthetic --set subset_fraction=0.2 --set epochs=3 \
+    timeout "$SEARCH_LIMIT" "$PY" -m entrannas search --set dataset=synthetic --set subset_fraction=0.2 --set epochs=3 \
         --set arch_warmup_epochs=1 \
         --set compile="$SEARCH_COMPILE" --set compile_after=2 --set channels_last=true \
         $SEARCH_SIZE --set device="$DEVICE" --out /tmp/entrannas-search > /tmp/search.log 2>&1

@@ -605,21 +605,46 @@ def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys, 
         assert "must be more than arch_warmup_epochs" in capsys.readouterr().err
 
 
+ROOT = Path(__file__).resolve().parent.parent
+GPU_SESSION = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+def gpu_session_defaults(*names: str) -> dict[str, str]:
+    """The values benchmarks/gpu_session.sh gives these settings when the caller sets none."""
+    import subprocess
+
+    script = GPU_SESSION.read_text()
+    defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
+    shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=ROOT,
+                           capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    return dict(zip(names, shown.splitlines()))
+
+
+def test_the_gpu_session_scripts_default_stages_fit_in_the_call_it_documents():
+    """The stages' time limits add up to less than the ``timeout_s`` of the call the script's header
+    gives (and that within the device tool's 600 s a call), so that the last stage is not cut by the
+    call's limit; 10 s are left for what runs outside any stage's limit."""
+    import re
+
+    call = int(re.search(r"timeout_s=(\d+)", GPU_SESSION.read_text()).group(1))
+    limits = {"ops": "OPS_LIMIT", "diagnose": "DIAGNOSE_LIMIT", "arch": "ARCH_LIMIT", "bench": "BENCH_LIMIT",
+              "search": "SEARCH_LIMIT", "churn": "CHURN_LIMIT", "inductor": "INDUCTOR_LIMIT"}
+    values = gpu_session_defaults("STAGES", "TEST_RUNS", *limits.values())
+    stages = values["STAGES"].split()
+    assert {"ops", "diagnose", "arch", "tests", "search"} <= set(stages) <= set(limits) | {"tests"}
+    tests = sum(int(run.rsplit(":", 1)[1]) for run in values["TEST_RUNS"].split())   # "capture:120" ...
+    total = sum(int(values[limits[stage]]) for stage in stages if stage != "tests") + tests
+    assert total + 10 <= call <= 600, (total, call)
+
+
 def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
     """A typo in benchmarks/gpu_session.sh would cost a lent GPU's few minutes: its default
     configurations must parse, and its --arch genotypes must be derivable by each mode."""
-    import subprocess
-
     from entrannas.bench import arch_of, parse_label, parser
     from entrannas.derive import arch_for_genotype
 
-    root = Path(__file__).resolve().parent.parent
-    script = (root / "benchmarks" / "gpu_session.sh").read_text()
-    defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
     names = ("CONFIGS", "ARCH", "ARCH_CONFIGS", "CHURN_CONFIGS", "INDUCTOR_CONFIGS", "DIAGNOSE_CONFIGS")
-    shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=root,
-                           capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
-    values = dict(zip(names, shown.splitlines()))
+    values = gpu_session_defaults(*names)
     args = parser().parse_args([])   # the bench's defaults: the GPU target's shapes
     labels = [label for n in names if n != "ARCH" for label in values[n].split()]
     assert len(labels) >= 20 and "dst+capture+bf16+cl+streams" in labels
@@ -628,5 +653,5 @@ def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
         config = parse_label(label, args)
         if label in values["ARCH_CONFIGS"].split() + values["DIAGNOSE_CONFIGS"].split():
             source = arch_of(arch, config.mode)
-            source = source if source in ZOO else str(root / source)
+            source = source if source in ZOO else str(ROOT / source)
             arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)
