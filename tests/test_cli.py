@@ -218,10 +218,7 @@ def test_interrupted_cli_search_resumes_to_the_same_result(tmp_path):
     with open(part / "history.jsonl", "a") as fh:   # a record written after the checkpoint, then a crash
         fh.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
     assert main([*common, "--set", "epochs=3", "--out", str(part), "--resume"]) == 0
-    def history(run):
-        return [untimed(json.loads(line)) for line in (run / "history.jsonl").read_text().splitlines()]
-
-    assert history(part) == history(whole)
+    assert [untimed(r) for r in RunDir(part).history()] == [untimed(r) for r in RunDir(whole).history()]
     assert (part / "genotype.json").read_text() == (whole / "genotype.json").read_text()
 
 

@@ -3,6 +3,8 @@
 import itertools
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from entrannas.zoo import ZOO, load_genotype
 from conftest import tiny_batch, tiny_config, tiny_net
 
 DST_PRIMS = tuple(p for p in DARTS_PRIMITIVES if p != "none")
-DST_GENOTYPE = Path(__file__).resolve().parent.parent / "benchmarks" / "genotypes" / "dst-digits.json"
+ROOT = Path(__file__).resolve().parent.parent
+DST_GENOTYPE = ROOT / "benchmarks" / "genotypes" / "dst-digits.json"
+GPU_SESSION = ROOT / "benchmarks" / "gpu_session.sh"
 
 
 def outputs_and_grads(mode: str, **changes):
@@ -134,7 +138,6 @@ def test_a_bench_stopped_by_sigterm_prints_and_keeps_what_it_measured(tmp_path):
     """`timeout` (gpu_session.sh) stops a bench with SIGTERM: the configurations measured so far are
     printed as a table and kept in --out, marked stopped, and the exit status says so."""
     import signal
-    import subprocess
     import time
 
     out = tmp_path / "bench.json"
@@ -142,7 +145,7 @@ def test_a_bench_stopped_by_sigterm_prints_and_keeps_what_it_measured(tmp_path):
            "--layers", "3", "--channels", "4", "--batch-size", "2", "--image-size", "8", "--steps", "30",
            "--repeats", "3", "--warmup", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=ROOT)
     deadline = time.time() + 120
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)   # the first configuration is written when it is done
@@ -410,7 +413,7 @@ def test_bench_times_masked_transit_cells_as_one_structure(capsys):
 def _script(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    path = ROOT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -605,14 +608,8 @@ def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys, 
         assert "must be more than arch_warmup_epochs" in capsys.readouterr().err
 
 
-ROOT = Path(__file__).resolve().parent.parent
-GPU_SESSION = ROOT / "benchmarks" / "gpu_session.sh"
-
-
 def gpu_session_defaults(*names: str) -> dict[str, str]:
     """The values benchmarks/gpu_session.sh gives these settings when the caller sets none."""
-    import subprocess
-
     script = GPU_SESSION.read_text()
     defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
     shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=ROOT,
@@ -623,17 +620,14 @@ def gpu_session_defaults(*names: str) -> dict[str, str]:
 def test_the_gpu_session_scripts_default_stages_fit_in_the_call_it_documents():
     """The stages' time limits add up to less than the ``timeout_s`` of the call the script's header
     gives (and that within the device tool's 600 s a call), so that the last stage is not cut by the
-    call's limit; 10 s are left for what runs outside any stage's limit."""
-    import re
-
+    call's limit; 10 s are left for what runs outside any stage's limit. A stage NAME's limit is
+    NAME_LIMIT, the tests stage's the seconds of each of its TEST_RUNS ("capture:120")."""
     call = int(re.search(r"timeout_s=(\d+)", GPU_SESSION.read_text()).group(1))
-    limits = {"ops": "OPS_LIMIT", "diagnose": "DIAGNOSE_LIMIT", "arch": "ARCH_LIMIT", "bench": "BENCH_LIMIT",
-              "search": "SEARCH_LIMIT", "churn": "CHURN_LIMIT", "inductor": "INDUCTOR_LIMIT"}
-    values = gpu_session_defaults("STAGES", "TEST_RUNS", *limits.values())
-    stages = values["STAGES"].split()
-    assert {"ops", "diagnose", "arch", "tests", "search"} <= set(stages) <= set(limits) | {"tests"}
-    tests = sum(int(run.rsplit(":", 1)[1]) for run in values["TEST_RUNS"].split())   # "capture:120" ...
-    total = sum(int(values[limits[stage]]) for stage in stages if stage != "tests") + tests
+    stages = gpu_session_defaults("STAGES")["STAGES"].split()
+    assert {"ops", "diagnose", "arch", "tests", "search"} <= set(stages)
+    limits = gpu_session_defaults("TEST_RUNS", *(f"{stage.upper()}_LIMIT" for stage in stages if stage != "tests"))
+    tests = sum(int(run.rsplit(":", 1)[1]) for run in limits.pop("TEST_RUNS").split())
+    total = sum(int(limit) for limit in limits.values()) + tests   # (a stage without a limit: set -u fails)
     assert total + 10 <= call <= 600, (total, call)
 
 
