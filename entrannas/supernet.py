@@ -214,6 +214,9 @@ class Structure:
     masks: tuple[torch.Tensor, torch.Tensor]
     plans: tuple[CellPlan, ...]
     key: bytes
+    #: The masks as derived, ``[2, E, K]`` on the device: what ``transit: auto``'s masked passes
+    #: weight by until the structure is built, so the device does not derive them again per pass.
+    on_device: Optional[torch.Tensor] = None
 
 
 class Conv1x1BN(nn.Sequential):
@@ -541,10 +544,11 @@ class SearchNetwork(nn.Module):
         key = self._arch_key(device)
         if self._structure is not None and self._structure[0] == key:
             return self._structure[1]
-        masks = self.derived_masks(weights)
+        on_device = self.device_masks(weights)
+        masks = tuple(on_device.cpu())   # the one sync
         self.derivations += 1
         plans = tuple(self._sparse_plan(cell, masks, device) for cell in self.cells)
-        structure = Structure(masks, plans, architecture_key(masks))
+        structure = Structure(masks, plans, architecture_key(masks), on_device)
         self._structure = (key, structure)
         return structure
 
@@ -608,22 +612,22 @@ class SearchNetwork(nn.Module):
         self._last_device_masks = None
         if self.spec.transit == "masked":
             self.last_structure = self.masked_structure(x.device)
-            return self._run(self.last_structure, x, *weights, self._masks_now(weights))
-        self.last_structure = self.structure(weights, x.device)
+            return self._masked_pass(x, weights, self.device_masks(weights))
+        structure = self.last_structure = self.structure(weights, x.device)
         if self.spec.transit == "auto" and self.compiled is not None:
             # The derived structure's fast pass where it is built; until then (early in a search a
-            # structure lasts a few steps) the masked structure's, which is built once for the search.
-            def masked() -> torch.Tensor:
-                return self._run(self.masked_structure(x.device), x, *weights, self._masks_now(weights))
+            # structure lasts a few steps) the masked structure's, which is built once for the search,
+            # weighted by the masks derived with the structure.
+            return self.compiled(structure, x, *weights,
+                                 fallback=lambda: self._masked_pass(x, weights, structure.on_device))
+        return self._run(structure, x, *weights)
 
-            return self.compiled(self.last_structure, x, *weights, fallback=masked)
-        return self._run(self.last_structure, x, *weights)
-
-    def _masks_now(self, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The derived masks on the device for a pass through the masked structure, kept for
-        ``drop_unused_gradients``."""
-        self._last_device_masks = self.device_masks(weights)
-        return self._last_device_masks
+    def _masked_pass(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+                     masks: torch.Tensor) -> torch.Tensor:
+        """A pass through the masked structure, its Transit-cells weighted by ``masks`` (``[2, E, K]``
+        on the device), which ``drop_unused_gradients`` reads afterwards."""
+        self._last_device_masks = masks
+        return self._run(self.masked_structure(x.device), x, *weights, masks)
 
     def _run(self, structure: Structure, *args) -> torch.Tensor:
         if self.compiled is not None:

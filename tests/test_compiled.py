@@ -314,9 +314,12 @@ def test_auto_transit_follows_the_sparse_search_while_the_structure_churns(mode)
     derived architecture changes at most steps runs the masked structure at most passes and ends
     where the sparse search ends. So the ops a masked pass runs outside the derived set get no
     gradient (SGD's momentum and weight decay leave them alone), and no pass reads the device
-    beyond the one derivation per step."""
+    beyond the one derivation per step, nor derives the masks again on the device: a masked pass
+    weights by the ones derived for the step."""
     sparse, auto = tiny_net(seed=0, mode=mode).double(), tiny_net(seed=0, mode=mode, transit="auto").double()
     auto.compiled = CapturedStructures(auto.run_structure, auto, after=2, capture=record_as_is)
+    derive_on_device, mask_derivations = auto.device_masks, []
+    auto.device_masks = lambda weights: mask_derivations.append(1) or derive_on_device(weights)
     opts = [BilevelOptimizer(net, tiny_config(mode=mode, arch_lr=0.05, transit=net.spec.transit))
             for net in (sparse, auto)]
     derived = set()
@@ -328,7 +331,7 @@ def test_auto_transit_follows_the_sparse_search_while_the_structure_churns(mode)
         derived.add(sparse.last_structure.key)
     for (name, a), b in zip(auto.named_parameters(), sparse.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
-    assert auto.derivations == sparse.derivations
+    assert auto.derivations == sparse.derivations == len(mask_derivations)
     assert len(derived) >= 4 and auto.compiled.stats["fallback_calls"] >= 6
     assert auto.compiled.stats["compiled_calls"] > auto.compiled.stats["eager_calls"]
 
