@@ -472,8 +472,7 @@ class SearchNetwork(nn.Module):
 
     def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The derived sets of both cell types as CPU bool masks, with one device sync."""
-        both = self.device_masks(weights).cpu()
-        return both[0], both[1]
+        return tuple(self.device_masks(weights).cpu())
 
     def genotype(self) -> Genotype:
         """The architecture derived from the current alpha (and beta) at the current tau."""
