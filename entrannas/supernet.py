@@ -472,7 +472,8 @@ class SearchNetwork(nn.Module):
 
     def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The derived sets of both cell types as CPU bool masks, with one device sync."""
-        return tuple(self.device_masks(weights).cpu())
+        normal, reduce = self.device_masks(weights).cpu()
+        return normal, reduce
 
     def genotype(self) -> Genotype:
         """The architecture derived from the current alpha (and beta) at the current tau."""
