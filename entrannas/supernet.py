@@ -202,7 +202,13 @@ class OpStreams:
         return out
 
 
-def architecture_key(masks) -> bytes:
+def _masks_on_host(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[2, E, K]`` derived-mask pair on any device as (normal, reduction) CPU tensors: one sync."""
+    normal, reduce = masks.cpu()
+    return normal, reduce
+
+
+def architecture_key(masks: tuple[torch.Tensor, torch.Tensor]) -> bytes:
     """The derived architecture (host masks, normal and reduction) as bytes: a ``Structure``'s key."""
     return masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
 
@@ -472,8 +478,7 @@ class SearchNetwork(nn.Module):
 
     def derived_masks(self, weights: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The derived sets of both cell types as CPU bool masks, with one device sync."""
-        normal, reduce = self.device_masks(weights).cpu()
-        return normal, reduce
+        return _masks_on_host(self.device_masks(weights))
 
     def genotype(self) -> Genotype:
         """The architecture derived from the current alpha (and beta) at the current tau."""
@@ -510,7 +515,7 @@ class SearchNetwork(nn.Module):
     def last_masks(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The derived masks (normal, reduction) of the last forward (masked: read now, a sync)."""
         if self.spec.transit == "masked":
-            return None if self._last_device_masks is None else tuple(self._last_device_masks.cpu())
+            return None if self._last_device_masks is None else _masks_on_host(self._last_device_masks)
         return None if self.last_structure is None else self.last_structure.masks
 
     @property
@@ -545,7 +550,7 @@ class SearchNetwork(nn.Module):
         if self._structure is not None and self._structure[0] == key:
             return self._structure[1]
         on_device = self.device_masks(weights)
-        masks = tuple(on_device.cpu())   # the one sync
+        masks = _masks_on_host(on_device)   # the one sync
         self.derivations += 1
         plans = tuple(self._sparse_plan(cell, masks, device) for cell in self.cells)
         structure = Structure(masks, plans, architecture_key(masks), on_device)
@@ -573,7 +578,7 @@ class SearchNetwork(nn.Module):
         if self._last_device_masks is None:   # the last pass ran the derived ops only
             return
         if self.spec.transit == "masked":
-            masks = self._last_device_masks.cpu()
+            masks = _masks_on_host(self._last_device_masks)
             self.derivations += 1
             key = self._host_key = architecture_key(masks)
         else:
