@@ -484,7 +484,7 @@ class SearchNetwork(nn.Module):
         """The architecture derived from the current alpha (and beta) at the current tau."""
         with torch.no_grad():
             masks = self.derived_masks(self.arch_weights(detach=True))
-        return genotype_from_masks(masks[0], masks[1], self.primitives, self.spec.nodes)
+        return genotype_from_masks(*masks, self.primitives, self.spec.nodes)
 
     @torch.no_grad()
     def set_architecture(self, genotype: Genotype) -> None:
@@ -589,7 +589,8 @@ class SearchNetwork(nn.Module):
         for p in unused:
             p.grad = None
 
-    def _sparse_plan(self, cell: SearchCell, masks, device: torch.device) -> CellPlan:
+    def _sparse_plan(self, cell: SearchCell, masks: tuple[torch.Tensor, torch.Tensor],
+                     device: torch.device) -> CellPlan:
         """The plan a cell runs on the sparse path for the derived ``masks`` (normal, reduction):
         a Transit-cell its derived set; an Engine-cell every op that can add to its output."""
         mask = masks[1] if cell.reduction else masks[0]
