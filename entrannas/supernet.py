@@ -210,7 +210,8 @@ def _masks_on_host(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def architecture_key(masks: tuple[torch.Tensor, torch.Tensor]) -> bytes:
     """The derived architecture (host masks, normal and reduction) as bytes: a ``Structure``'s key."""
-    return masks[0].numpy().tobytes() + masks[1].numpy().tobytes()
+    normal, reduce = masks
+    return normal.numpy().tobytes() + reduce.numpy().tobytes()
 
 
 @dataclass(frozen=True)
