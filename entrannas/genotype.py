@@ -179,7 +179,7 @@ def genotype_from_masks(mask_normal, mask_reduce, primitives: Sequence[str], n_n
     return Genotype.build(cell(mask_normal), concat, cell(mask_reduce), concat)
 
 
-def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int):
+def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``genotype_from_masks``: bool masks ``[E, K]`` (normal, reduction) that mark
     the genotype's (edge, op) pairs. Raises ``GenotypeError`` where the genotype does not fit a
     super-net cell of ``n_nodes`` nodes over ``primitives``: another node count, an op that is no
@@ -208,4 +208,5 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int):
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} lists ({op!r}, {i}) twice")
                 mask[e, k] = True
         masks.append(mask)
-    return masks[0], masks[1]
+    normal, reduce = masks
+    return normal, reduce
