@@ -188,8 +188,9 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
     from .derive import edge_layout, num_edges   # here: derive imports this module
 
     edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
-    masks = []
-    for name in ("normal", "reduce"):
+    candidates = list(primitives)
+
+    def cell_mask(name: str) -> torch.Tensor:
         nodes, concat = getattr(genotype, name), getattr(genotype, f"{name}_concat")
         if len(nodes) != n_nodes:
             raise GenotypeError(f"{name}: the genotype has {len(nodes)} intermediate nodes; the super-net's "
@@ -203,10 +204,10 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
                 if op not in primitives:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} uses {op!r}, which is not a candidate "
                                         f"here; candidates: {', '.join(primitives)}")
-                e, k = edge_of[(i, j)], list(primitives).index(op)
+                e, k = edge_of[(i, j)], candidates.index(op)
                 if mask[e, k]:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} lists ({op!r}, {i}) twice")
                 mask[e, k] = True
-        masks.append(mask)
-    normal, reduce = masks
-    return normal, reduce
+        return mask
+
+    return cell_mask("normal"), cell_mask("reduce")
