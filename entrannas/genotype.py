@@ -185,10 +185,10 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
     super-net cell of ``n_nodes`` nodes over ``primitives``: another node count, an op that is no
     candidate, a pair listed twice, or a cell output that is not every intermediate node (a
     super-net cell concatenates them all)."""
-    from .derive import edge_layout, num_edges   # here: derive imports this module
+    from .derive import edge_layout   # here: derive imports this module
 
     edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
-    candidates = list(primitives)
+    op_index = {op: k for k, op in enumerate(primitives)}   # a config lists each op once
 
     def cell_mask(name: str) -> torch.Tensor:
         nodes, concat = getattr(genotype, name), getattr(genotype, f"{name}_concat")
@@ -198,13 +198,13 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
         if tuple(concat) != tuple(range(N_INPUTS, N_INPUTS + n_nodes)):
             raise GenotypeError(f"{name}_concat: {list(concat)}; a super-net cell outputs every intermediate "
                                 f"node ({list(range(N_INPUTS, N_INPUTS + n_nodes))})")
-        mask = torch.zeros(num_edges(n_nodes, N_INPUTS), len(primitives), dtype=torch.bool)
+        mask = torch.zeros(len(edge_of), len(op_index), dtype=torch.bool)
         for j, node in enumerate(nodes):
             for op, i in node:
-                if op not in primitives:
+                if op not in op_index:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} uses {op!r}, which is not a candidate "
                                         f"here; candidates: {', '.join(primitives)}")
-                e, k = edge_of[(i, j)], candidates.index(op)
+                e, k = edge_of[(i, j)], op_index[op]
                 if mask[e, k]:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} lists ({op!r}, {i}) twice")
                 mask[e, k] = True
