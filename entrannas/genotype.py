@@ -188,7 +188,7 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
     from .derive import edge_layout   # here: derive imports this module
 
     edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
-    op_index = {op: k for k, op in enumerate(primitives)}   # a config lists each op once
+    op_index = {op: k for k, op in reversed(list(enumerate(primitives)))}   # an op's first column
 
     def cell_mask(name: str) -> torch.Tensor:
         nodes, concat = getattr(genotype, name), getattr(genotype, f"{name}_concat")
@@ -198,7 +198,7 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
         if tuple(concat) != tuple(range(N_INPUTS, N_INPUTS + n_nodes)):
             raise GenotypeError(f"{name}_concat: {list(concat)}; a super-net cell outputs every intermediate "
                                 f"node ({list(range(N_INPUTS, N_INPUTS + n_nodes))})")
-        mask = torch.zeros(len(edge_of), len(op_index), dtype=torch.bool)
+        mask = torch.zeros(len(edge_of), len(primitives), dtype=torch.bool)
         for j, node in enumerate(nodes):
             for op, i in node:
                 if op not in op_index:

@@ -94,6 +94,15 @@ def test_genotype_masks_inverts_genotype_from_masks():
         assert all(torch.equal(a, b) for a, b in zip(back, masks))
 
 
+def test_genotype_masks_has_a_column_per_candidate_listed():
+    # The masks index the super-net's alphas, one column per entry of primitives; an op listed
+    # twice marks its first column.
+    g = Genotype.build([[("skip_connect", 0)]], [2], [[("skip_connect", 1)]], [2])
+    normal, reduce = genotype_masks(g, ("skip_connect", "max_pool_3x3", "skip_connect"), n_nodes=1)
+    assert normal.tolist() == [[True, False, False], [False, False, False]]
+    assert reduce.tolist() == [[False, False, False], [True, False, False]]
+
+
 @pytest.mark.parametrize("genotype, prims, message", [
     ("NASNet", ("sep_conv_3x3",), "5 intermediate nodes"),
     ("DARTS_V2", ("sep_conv_3x3", "max_pool_3x3", "skip_connect"), "'dil_conv_3x3', which is not a candidate"),
