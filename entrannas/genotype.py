@@ -188,7 +188,7 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
     from .derive import edge_layout   # here: derive imports this module
 
     edge_of = {pair: e for e, pair in enumerate(edge_layout(n_nodes, N_INPUTS))}
-    op_index = {op: k for k, op in reversed(list(enumerate(primitives)))}   # an op's first column
+    candidates = list(primitives)   # an op listed twice marks its first column, as list.index finds it
 
     def cell_mask(name: str) -> torch.Tensor:
         nodes, concat = getattr(genotype, name), getattr(genotype, f"{name}_concat")
@@ -201,10 +201,10 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
         mask = torch.zeros(len(edge_of), len(primitives), dtype=torch.bool)
         for j, node in enumerate(nodes):
             for op, i in node:
-                if op not in op_index:
+                if op not in candidates:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} uses {op!r}, which is not a candidate "
                                         f"here; candidates: {', '.join(primitives)}")
-                e, k = edge_of[(i, j)], op_index[op]
+                e, k = edge_of[(i, j)], candidates.index(op)
                 if mask[e, k]:
                     raise GenotypeError(f"{name}: node {j + N_INPUTS} lists ({op!r}, {i}) twice")
                 mask[e, k] = True
