@@ -58,7 +58,8 @@ def compare_layouts(device: torch.device, batch_size: int, shapes=SHAPES, primit
         g = torch.randn(op(x).shape, device=device)
         reference = _pass(op.double(), x.double(), g.double())
         nchw = _pass(op.float(), x, g)
-        nhwc = _pass(op.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last), g)
+        # clone, not contiguous: a one-channel tensor is contiguous in both layouts and would keep NCHW's strides
+        nhwc = _pass(op.to(memory_format=torch.channels_last), x.clone(memory_format=torch.channels_last), g)
         errors = {layout: {k: ((got[k] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                            for k, ref in reference.items()}
                   for layout, got in (("nchw", nchw), ("channels_last", nhwc))}

@@ -78,7 +78,9 @@ def imitate_pool_grad_bug():
     def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                    divisor_override=None):
         stride = kernel_size if stride is None or stride == [] else stride
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        # the kernel's layout, read from the strides as its suggest_memory_format does: channels
+        # innermost, also where one channel leaves the tensor contiguous in NCHW too
+        channels_last = x.dim() == 4 and x.stride(1) == 1 and x.stride(3) == x.shape[1]
         if channels_last and any(_pair(padding)) and not ceil_mode and divisor_override is None:
             return _BrokenPoolGradient.apply(x, real, kernel_size, stride, padding, count_include_pad)
         return real(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)

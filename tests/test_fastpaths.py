@@ -457,29 +457,32 @@ def test_the_imitated_pool_kernel_is_the_one_pytorch_fixed(stride, size):
     assert not torch.allclose(grads[torch.channels_last], right)
 
 
-def test_avg_pool_probes_for_the_broken_kernel_and_pools_around_it(monkeypatch):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_avg_pool_probes_for_the_broken_kernel_and_pools_around_it(monkeypatch, channels):
     """ops.AvgPool: with the imitated kernel the probe finds it wrong, and a channels_last input then gets
-    NCHW's gradient and a channels_last output; told the kernel is right, the wrong gradient comes through."""
+    NCHW's gradient and a channels_last output; told the kernel is right, the wrong gradient comes through.
+    One channel: channels_last strides with ``is_contiguous()`` true, which the kernel still runs in
+    channels_last (session 34's H200 run: the tests' tiny net, one channel after its bottleneck)."""
     from entrannas import ops
 
     bug = _script("pool_grad_bug")
     cpu = torch.device("cpu")
     assert ops.pool_grad_is_wrong(cpu) is False   # the CPU's own kernel
-    pool = ops.OPS["avg_pool_3x3"](3, 1, False)
-    x = torch.randn(2, 3, 6, 6)
-    g = torch.randn(2, 3, 6, 6)
+    pool = ops.OPS["avg_pool_3x3"](channels, 1, False)
+    x = torch.randn(2, channels, 6, 6)
+    g = torch.randn(2, channels, 6, 6)
     xi = x.clone().requires_grad_(True)
     right = torch.autograd.grad(pool(xi), xi, g)[0]
 
-    def channels_last_pass():
-        xi = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    def channels_last_pass():   # clone, not contiguous: one channel is already contiguous in channels_last
+        xi = x.clone(memory_format=torch.channels_last).requires_grad_(True)
         y = pool(xi)
-        return y, torch.autograd.grad(y, xi, g.contiguous(memory_format=torch.channels_last))[0]
+        return y, torch.autograd.grad(y, xi, g.clone(memory_format=torch.channels_last))[0]
 
     with bug.imitate_pool_grad_bug():
         y, grad = channels_last_pass()
         assert ops.pool_grad_is_wrong(cpu) is True
-        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert y.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous() == (channels == 1)
         torch.testing.assert_close(grad, right)
         ops._POOL_GRAD_WRONG[cpu] = False
         assert not torch.allclose(channels_last_pass()[1], right, atol=1e-4)
@@ -488,6 +491,24 @@ def test_avg_pool_probes_for_the_broken_kernel_and_pools_around_it(monkeypatch):
     monkeypatch.setattr(ops, "_POOL_GRAD_WRONG", {})
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert ops.pool_grad_is_wrong(cpu) is True and ops._POOL_GRAD_WRONG == {}
+
+
+def test_one_channel_check_finds_the_kernel_reached_through_one_channel_and_avg_pool_going_round(tmp_path):
+    """benchmarks/one_channel_check.py: with the imitated kernel the raw pool's channels_last gradient is
+    off at one channel as at three, and ops.AvgPool's is not; the CPU's own kernels agree across layouts."""
+    check = _script("one_channel_check")
+    bug = _script("pool_grad_bug")
+    cpu = torch.device("cpu")
+    with bug.imitate_pool_grad_bug():
+        broken = check.pool_errors(cpu)
+    assert set(broken) == {"1 channel", "3 channels"}
+    assert all(e["F.avg_pool2d"] > 0.1 and e["ops.AvgPool"] < 1e-6 for e in broken.values()), broken
+    out = tmp_path / "one_channel.json"
+    assert check.main(["--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["channels_last_pool_grad_wrong"] is False
+    assert all(v < 1e-5 for e in doc["pool"].values() for v in e.values()), doc["pool"]
+    assert len(doc["ops"]) == 2 * (len(DARTS_PRIMITIVES) - 1) and max(doc["ops"].values()) < 1e-5, doc["ops"]
 
 
 @pytest.mark.parametrize("fixed", [True, False])
