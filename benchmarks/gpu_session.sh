@@ -18,8 +18,8 @@
 #             around it, so every row should be near 1;
 #   arch      the targets, timed with that: the search settled at DARTS_V2 (EnTranNAS) and at
 #             benchmarks/genotypes/dst-digits.json (DST), beside the DARTS configuration, and (new in
-#             session 17, never run on a GPU yet) the validation pass that ends each epoch: the
-#             projection with it ("+ valid"; on the CPU it adds 25-32%);
+#             session 17) the validation pass that ends each epoch: the projection with it ("+ valid";
+#             on the CPU it adds 25-32%, on session 34's H200 17-20%);
 #   tests     tests/test_compiled.py on the GPU (TEST_RUNS: "capture:seconds" or "backend/mode:seconds"),
 #             with session 8's fix for the one sync test that failed there (a new derived structure's
 #             index tensors copied from pageable memory) and session 9's gradient comparisons (a loss
