@@ -40,9 +40,12 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _layout_error(fn, x: torch.Tensor, g: torch.Tensor) -> float:
-    """``fn``'s input gradient for a channels_last copy of ``x`` against the NCHW one. ``clone``, not
-    ``contiguous``: a one-channel tensor is contiguous already and would keep NCHW's strides."""
+    """``fn``'s input gradient for a channels_last copy of ``x`` against the NCHW one; a module's
+    weights go to channels_last too, as in a channels_last search. ``clone``, not ``contiguous``: a
+    one-channel tensor is contiguous already and would keep NCHW's strides."""
     nchw = _input_grad(fn, x, g)
+    if isinstance(fn, torch.nn.Module):
+        fn.to(memory_format=torch.channels_last)
     return _error(_input_grad(fn, x.clone(memory_format=torch.channels_last),
                               g.clone(memory_format=torch.channels_last)), nchw)
 
@@ -70,11 +73,7 @@ def op_errors(device: torch.device, size: int = 8, seed: int = 0) -> dict:
             op = ops.build_op(name, channels, stride, affine=False, search=True).to(device)
             x = torch.randn(8, channels, size, size, device=device)
             g = torch.randn(op(x).shape, device=device)
-            nchw = _input_grad(op, x, g)
-            op.to(memory_format=torch.channels_last)
-            cl = torch.channels_last
-            got = _input_grad(op, x.clone(memory_format=cl), g.clone(memory_format=cl))
-            out[f"{name} {channels}ch stride {stride}"] = _error(got, nchw)
+            out[f"{name} {channels}ch stride {stride}"] = _layout_error(op, x, g)
     return out
 
 
@@ -84,8 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     doc = {"device": str(device), "torch": torch.__version__,
            "channels_last_pool_grad_wrong": ops.pool_grad_is_wrong(device),
            "pool": pool_errors(device), "ops": op_errors(device)}
