@@ -380,7 +380,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     model, opt, batch = search_setup(config, args, device)
     arch = arch_of(args.arch, config.mode)
     if args.frozen_arch or arch:
-        for group in opt.a_optimizer.param_groups:
+        for group in (g for o in opt.arch_optimizers() for g in o.param_groups):
             group["lr"] = 0.0
     batches = [(batch(), batch()) for _ in range(4)]
     full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731

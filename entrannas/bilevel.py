@@ -38,18 +38,25 @@ class BilevelOptimizer:
                                            weight_decay=config.weight_decay, foreach=True)
         self.w_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.w_optimizer, T_max=epochs or config.epochs, eta_min=config.lr_min)
-        self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=config.arch_lr,
+        alphas = [model.alpha_normal, model.alpha_reduce]
+        self.a_optimizer = torch.optim.Adam(alphas, lr=config.arch_lr,
                                             betas=(config.arch_beta1, config.arch_beta2),
                                             weight_decay=config.arch_weight_decay,
-                                            fused=fused_available(model.arch_parameters()))
+                                            fused=fused_available(alphas))
+        # DST's thresholds take a plain gradient step with no weight decay: Adam would normalise
+        # the step to about arch_lr whatever lambda is, and weight decay would pull t back to 0.5,
+        # so lambda (Eq. 11) would barely set the sparsity.
+        self.b_optimizer = (torch.optim.SGD([model.beta_normal, model.beta_reduce], lr=config.beta_lr)
+                            if model.beta_normal is not None else None)
 
     # -- losses ---------------------------------------------------------------------------------
     def regularizer(self) -> torch.Tensor:
-        """Eq. 11's lambda * mean_j(-log t_j) over the nodes of both cell types (DST only)."""
+        """Eq. 11's lambda * 1/(n-1) sum_j -log t_j, a mean over the nodes of one cell, for the normal
+        and the reduction cell, added up (DST only)."""
         m = self.model
         if m.beta_normal is None:
             return m.alpha_normal.new_zeros(())
-        return self.lambda_ * derive.dst_regularizer(torch.cat([m.beta_normal, m.beta_reduce]))
+        return self.lambda_ * (derive.dst_regularizer(m.beta_normal) + derive.dst_regularizer(m.beta_reduce))
 
     def autocast(self, x: torch.Tensor):
         """bf16 autocast for forward passes when ``precision: bf16`` (losses stay fp32).
@@ -65,6 +72,11 @@ class BilevelOptimizer:
         mode and turns autograd off."""
         with self.autocast(x):
             return full_precision(self.model(x, arch_grad=False))
+
+    def derived_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The derived architecture's logits with the super-net's weights (``derived_forward``)."""
+        with self.autocast(x):
+            return full_precision(self.model.derived_forward(x))
 
     def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast(x):
@@ -84,14 +96,19 @@ class BilevelOptimizer:
             return self.arch_loss(x, y)
 
     # -- steps ----------------------------------------------------------------------------------
+    def arch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.a_optimizer] + ([self.b_optimizer] if self.b_optimizer is not None else [])
+
     def arch_step(self, train_batch, valid_batch) -> torch.Tensor:
-        self.a_optimizer.zero_grad(set_to_none=True)
+        for opt in self.arch_optimizers():
+            opt.zero_grad(set_to_none=True)
         if self.config.unrolled:
             loss = self._unrolled_backward(train_batch, valid_batch)
         else:
             loss, _ = self.frozen_arch_loss(*valid_batch)
             loss.backward()
-        self.a_optimizer.step()
+        for opt in self.arch_optimizers():
+            opt.step()
         self.model.arch_changed()
         return loss.detach()
 
@@ -163,10 +180,15 @@ class BilevelOptimizer:
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"w_optimizer": self.w_optimizer.state_dict(), "w_scheduler": self.w_scheduler.state_dict(),
-                "a_optimizer": self.a_optimizer.state_dict()}
+        state = {"w_optimizer": self.w_optimizer.state_dict(), "w_scheduler": self.w_scheduler.state_dict(),
+                 "a_optimizer": self.a_optimizer.state_dict()}
+        if self.b_optimizer is not None:
+            state["b_optimizer"] = self.b_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.w_scheduler.load_state_dict(state["w_scheduler"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
+        if self.b_optimizer is not None:
+            self.b_optimizer.load_state_dict(state["b_optimizer"])

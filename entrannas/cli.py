@@ -6,7 +6,11 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-EXIT_USAGE = 2
+EXIT_FAILED = 1   # the work failed: a trial after its retries, a disk that cannot be written, ...
+EXIT_USAGE = 2    # bad input: a setting, a spec, a path; nothing was started
+
+EPILOG = ("exit status: 0 done; 1 failed (a search or evaluation diverged, a sweep trial failed after "
+          "its retries, or the disk could not be written); 2 bad input, before any work")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entrannas-tune",
+    parser = argparse.ArgumentParser(prog="entrannas-tune", epilog=EPILOG,
                                      description="EnTranNAS / EnTranNAS-DST architecture search.")
     sub = parser.add_subparsers(dest="command", required=True)
     search = sub.add_parser("search", help="run one architecture search",
@@ -34,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
 
     sweep = sub.add_parser("sweep", help="run an ablation sweep with Ray Tune",
-                           description="Run every trial of a sweep spec (ablations/*.yaml) with Ray Tune.")
+                           description="Run every trial of a sweep spec (ablations/*.yaml) with Ray Tune.",
+                           epilog="exit status: 0 every trial finished (diverged counts as finished); 1 a "
+                                  "trial failed after its retries; 2 bad input (spec, storage, name), "
+                                  "before Ray starts")
     sweep.add_argument("spec", metavar="SPEC.yaml")
     sweep.add_argument("--storage", default="runs", metavar="DIR", help="experiments root (default ./runs)")
     sweep.add_argument("--name", help="experiment name (default: the spec's name)")
@@ -73,11 +80,14 @@ def _run_job(job, run, config, resume: bool, args, after_epoch: Callable[[dict],
     """Drive a job's epoch generator: progress bar, history, checkpoint and summary line per epoch."""
     from tqdm import tqdm
 
-    from .rundir import format_record
+    from .rundir import RunDirError, format_record
 
     if resume:
         job.load(run.checkpoint)
-        run.truncate_history(job.epoch)
+        try:
+            run.truncate_history(job.epoch)
+        except RunDirError as e:
+            return _error(str(e))
         print(f"resumed {run.path} at epoch {job.epoch + 1} of {config.epochs}")
     elif args.resume:
         print(f"no checkpoint in {run.path}: starting from scratch")
@@ -128,10 +138,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     except (ConfigError, RunDirError) as e:
         return _error(str(e))
 
-    from .search import Search, SearchDiverged
+    from .search import SearchDiverged, search_job
 
     try:
-        search = Search(config)
+        search = search_job(config)
     except (FileNotFoundError, ConfigError) as e:   # missing data files; a setting this device cannot run
         return _error(str(e))
     status = _run_job(search, run, config, resume, args,
@@ -168,8 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if status == 0:
         history = run.history()
         result = {"genotype": genotype.to_dict(), "genotype_source": args.genotype,
-                  "test_error": history[-1]["test_error"], "best_test_error": min(r["test_error"] for r in history),
-                  "epochs": len(history), **cost,
+                  "test_error": history[-1]["test_error"], "epochs": len(history), **cost,
                   "seconds": sum(r["seconds"] for r in history), "seed": config.seed}
         run.write_json("result.json", result)
         print(f"done: test error {result['test_error']:.4f}; result in {run.path / 'result.json'}")
@@ -177,21 +186,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _finish_sweep(results, experiment, no_report: bool) -> int:
+    """Summary and report; exit status 0 when every trial finished (a diverged one counts: it is a
+    result), 1 when any failed after its retries."""
     from orchestrator.sweep import summarize
 
-    print(f"sweep finished: {len(results)} trials, {sum(1 for r in results if r.error)} failed; {experiment}")
-    summarize(results)
+    print(f"sweep finished: {len(results)} trials; {experiment}")
+    statuses = summarize(results)
     if not no_report:
         from results.report import write_report
 
         print(f"report: {write_report([experiment])}")
+    failed = statuses.count("failed") + statuses.count("running")
+    if failed:
+        print(f"entrannas-tune: {failed} of {len(statuses)} trials did not finish (causes above)", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from results.collect import NotAnExperiment
     from results.report import write_report
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return _error(f"--out {args.out}: exists and is not a directory")
     try:
         index = write_report(args.dirs, args.out, args.group_by)
     except (NotAnExperiment, KeyError) as e:
@@ -240,7 +259,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    from .runtime import CheckpointError
+
+    try:
+        return COMMANDS[args.command](args)
+    except CheckpointError as e:
+        return _error(str(e))
+    except OSError as e:   # a full disk, a folder that became read-only: say where, keep what was written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"entrannas-tune: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -22,11 +22,20 @@ from .compiled import CAPTURE, COMPILE_MODES, DEFAULT_CAPACITY, compile_backends
 from .ops import DARTS_PRIMITIVES, OPS
 from .temperature import SCHEDULES
 
-MODES = ("darts", "entrannas", "dst")
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet")
+MODES = ("darts", "entrannas", "dst", "random")
+DATASETS = ("digits", "noisy_digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
 TRANSITS = ("sparse", "masked", "auto")
+
+
+#: Training images and classes of the in-memory datasets (CIFAR as torchvision ships it).
+TRAIN_IMAGES = {"digits": (1500, 10), "noisy_digits": (1500, 10), "synthetic": (2048, 10),
+                "cifar10": (50000, 10), "cifar100": (50000, 100)}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+#: Unless set, the last fifth of a search's epochs (rounded down) are settling epochs (docs/method.md).
+SETTLE_EPOCHS_PER = 5
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -42,6 +51,14 @@ YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true
                                  list("tTfF"))
 
 
+def yaml_error(path: os.PathLike, error: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: file, line and column, and what is wrong."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}: not valid YAML: {problem}"
+
+
 def read_yaml(text: str) -> Any:
     """Every YAML the project reads (configs, sweep specs, ``--set`` values, saved runs) goes through here."""
     return yaml.load(text, Loader=YamlLoader)
@@ -53,6 +70,10 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field} = {value!r}: {allowed}")
+
+    def __reduce__(self):
+        # Pickled with its own arguments, so that it crosses to a Ray driver intact.
+        return type(self), (self.field, self.value, self.allowed)
 
 
 def did_you_mean(key, known) -> str:
@@ -145,6 +166,10 @@ class FlatConfig:
             if not Path(self.data_dir).is_dir() and not (self.download and self.dataset != "imagenet"):
                 hint = " (or set download: true)" if self.dataset != "imagenet" else ""
                 raise ConfigError("data_dir", self.data_dir, f"is not an existing directory{hint}")
+            folder = CIFAR_FOLDERS.get(self.dataset)
+            if folder and not self.download and not (Path(self.data_dir) / folder).is_dir():
+                raise ConfigError("data_dir", self.data_dir, f"has no {folder}/ folder (torchvision's "
+                                  f"{self.dataset} layout); put the data there or set download: true")
         if not (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps")):
             raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N, mps")
 
@@ -154,8 +179,8 @@ class SearchConfig(FlatConfig):
     """Every setting of one search. ``None`` means "the default for this dataset and mode"."""
 
     # what to search
-    mode: str = "entrannas"             # darts | entrannas | dst
-    dataset: str = "digits"             # digits | synthetic | cifar10 | cifar100 | imagenet
+    mode: str = "entrannas"             # darts | entrannas | dst | random (a genotype drawn by the seed)
+    dataset: str = "digits"             # digits | noisy_digits | synthetic | cifar10 | cifar100 | imagenet
     data_dir: Optional[str] = None      # needed by cifar10/cifar100/imagenet
     download: bool = False              # cifar only: fetch into data_dir when missing
     epochs: Optional[int] = None
@@ -170,6 +195,7 @@ class SearchConfig(FlatConfig):
     tau_start: Optional[float] = None
     tau_end: Optional[float] = None
     beta_init: float = 0.0              # initial threshold logit: t = sigmoid(0) = 0.5 (our choice)
+    beta_lr: Optional[float] = None     # plain SGD step on beta (DST), so that lambda sets its pace
     # search space
     primitives: tuple = DARTS_PRIMITIVES
     layers: Optional[int] = None
@@ -178,13 +204,15 @@ class SearchConfig(FlatConfig):
     # optimisation
     unrolled: bool = False
     arch_warmup_epochs: Optional[int] = None
+    settle_epochs: Optional[int] = None  # last epochs (default epochs // 5): alpha/beta frozen, tau at
+    #                                      tau_end, the weights trained on the derived architecture
     lr: Optional[float] = None
     lr_min: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     arch_lr: Optional[float] = None
-    arch_weight_decay: float = 1e-3
+    arch_weight_decay: float = 1e-3     # on alpha only (DARTS); beta has none (Eq. 11 is its only pull)
     arch_beta1: float = 0.5
     arch_beta2: float = 0.999
     # data split and loading
@@ -212,6 +240,11 @@ class SearchConfig(FlatConfig):
         self._check_choices()
         resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode],
                                "compile_after": default_after(self.compile)})
+        if resolved.settle_epochs is None:
+            resolved = dataclasses.replace(resolved, settle_epochs=resolved.epochs // SETTLE_EPOCHS_PER)
+        if self.mode == "random":
+            # Nothing is trained: the genotype is drawn once, so the run is one epoch long.
+            resolved = dataclasses.replace(resolved, epochs=1, arch_warmup_epochs=0, settle_epochs=0)
         if self.mode == "dst" and "none" in resolved.primitives:
             # In DST sparsity is learned by the thresholds, so 'none' is no candidate (SPEC 4).
             resolved = dataclasses.replace(
@@ -230,15 +263,19 @@ class SearchConfig(FlatConfig):
         self._check_choices()
         self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio",
                                    "compile_after", "compile_cache", "op_streams"),
-                    nonneg_ints=("seed", "arch_warmup_epochs", "num_workers"),
-                    nonneg=("lambda_", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
+                    nonneg_ints=("seed", "arch_warmup_epochs", "settle_epochs", "num_workers"),
+                    nonneg=("lambda_", "beta_lr", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
                     positive=("lr", "arch_lr", "tau_start", "tau_end"),
                     unit=("momentum", "arch_beta1", "arch_beta2"))
         if self.layers < 3:
             raise ConfigError("layers", self.layers,
                               "must be >= 3 so that the net has a normal and a reduction cell")
+        if self.settle_epochs >= self.epochs:
+            raise ConfigError("settle_epochs", self.settle_epochs,
+                              f"must be less than epochs ({self.epochs}): the settling epochs end the search")
         if not 0 < self.train_portion < 1:
             raise ConfigError("train_portion", self.train_portion, "must be in (0, 1)")
+        self._check_split_sizes()
         if self.tau_schedule not in SCHEDULES:
             raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -249,6 +286,20 @@ class SearchConfig(FlatConfig):
         self._check_placement()
         self._check_bottleneck()
         self._check_compile()
+
+    def _check_split_sizes(self) -> None:
+        """The weights' and the architecture's share of an in-memory training set must each hold at
+        least as many images as there are classes (an empty one would fail after an epoch)."""
+        if self.dataset not in TRAIN_IMAGES:
+            return
+        images, classes = TRAIN_IMAGES[self.dataset]
+        for share, what in ((self.train_portion, "weights"), (1 - self.train_portion, "architecture")):
+            n = int(images * share * self.subset_fraction)
+            if n < classes:
+                raise ConfigError("subset_fraction", self.subset_fraction,
+                                  f"leaves {n} of {self.dataset}'s {images} training images for the {what} "
+                                  f"(train_portion {self.train_portion}); at least {classes}, one per class, "
+                                  f"needs subset_fraction >= {classes / (images * share):.4g}")
 
     def _check_primitives(self) -> None:
         if not self.primitives:
@@ -349,16 +400,17 @@ def _show(value: Any) -> Any:
 # Defaults per dataset (SPEC 6 for CIFAR, from PC-DARTS; the small ones are our choice, sized so
 # that a digits search runs an epoch in seconds on two CPU cores).
 _CIFAR = dict(epochs=50, batch_size=256, layers=8, init_channels=16, lr=0.1, arch_lr=6e-4,
-              arch_warmup_epochs=15, train_portion=0.5, subset_fraction=1.0)
+              arch_warmup_epochs=15, beta_lr=0.025, train_portion=0.5, subset_fraction=1.0)
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(epochs=10, batch_size=64, layers=5, init_channels=16, lr=0.05, arch_lr=6e-3,
-                   arch_warmup_epochs=2, train_portion=0.5, subset_fraction=1.0),
+                   arch_warmup_epochs=2, beta_lr=1.0, train_portion=0.5, subset_fraction=1.0),
     "synthetic": dict(_CIFAR),
     "cifar10": dict(_CIFAR),
     "cifar100": dict(_CIFAR),
     # PC-DARTS ImageNet search: 12.5% of each class, split 10% weights / 2.5% architecture.
     "imagenet": dict(_CIFAR, train_portion=0.8, subset_fraction=0.125),
 }
+DATASET_DEFAULTS["noisy_digits"] = DATASET_DEFAULTS["digits"]
 
 # Defaults per mode: 'darts' is the DARTS super-net (every cell an Engine-cell, no sharing, no
 # bottleneck, plain softmax); the EnTranNAS modes use the paper's setting (first cells as Engines,
@@ -370,6 +422,8 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
                       tau_start=1.0, tau_end=0.1),
     "dst": dict(placement="first", feature_sharing=True, bottleneck_ratio=4, tau_schedule="linear",
                 tau_start=1.0, tau_end=0.1),
+    "random": dict(placement="first", feature_sharing=True, bottleneck_ratio=4, tau_schedule="constant",
+                   tau_start=1.0, tau_end=1.0),
 }
 
 
@@ -424,7 +478,7 @@ class EvalConfig(FlatConfig):
             raise ConfigError("layers", self.layers, "must be >= 3 so that the net has a normal and a reduction cell")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError("lr_schedule", self.lr_schedule, f"allowed: {', '.join(LR_SCHEDULES)}")
-        if self.auxiliary and self.dataset == "digits":
+        if self.auxiliary and self.dataset in ("digits", "noisy_digits"):
             raise ConfigError("auxiliary", True, "needs features of at least 5x5 at 2/3 depth; digits (8x8) "
                               "has 2x2 there: set auxiliary: false")
 
@@ -441,15 +495,30 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, lr=0.1, lr_schedule="step",
                      weight_decay=3e-5, auxiliary=True, drop_path_prob=0.0, cutout=0, label_smoothing=0.1),
 }
+EVAL_DEFAULTS["noisy_digits"] = EVAL_DEFAULTS["digits"]
 
 
 # -- coercion of YAML / --set values -----------------------------------------------------------
+#: Settings that name a path: made absolute when read (against the directory the user runs from),
+#: so that a run started elsewhere (a Ray trial in its own directory) finds the same files.
+PATH_SETTINGS = ("data_dir",)
+
+
+def absolute_path(value: Any) -> Any:
+    """A path setting's value made absolute (other values as they are)."""
+    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
     hint = typing.get_type_hints(cls)[name]
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
         raise ConfigError(name, value, "must be set (it has no 'default' value)")
+    if name in PATH_SETTINGS:
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "must be a path")
+        return absolute_path(value)
     if name == "placement":
         if isinstance(value, str) and "," in value:
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -518,7 +587,7 @@ def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str
         try:
             loaded = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("--config", str(path), f"is not valid YAML: {e}") from None
+            raise ConfigError("--config", str(path), yaml_error(path, e)) from None
         if not isinstance(loaded, dict):
             raise ConfigError("--config", str(path), "must hold a mapping of setting names to values")
         data.update(loaded)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -79,6 +80,11 @@ class Genotype:
             if isinstance(e, GenotypeError):
                 raise
             raise GenotypeError(f"malformed genotype: {e}") from None
+
+    def choices(self) -> set[tuple[str, int, str, int]]:
+        """Every ``(cell, node, op, input)`` the genotype chooses."""
+        return {(cell, j + N_INPUTS, op, i) for cell in ("normal", "reduce")
+                for j, node in enumerate(getattr(self, cell)) for op, i in node}
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -211,3 +217,14 @@ def genotype_masks(genotype: Genotype, primitives: Sequence[str], n_nodes: int) 
         return mask
 
     return cell_mask("normal"), cell_mask("reduce")
+
+
+def random_genotype(primitives: Sequence[str], n_nodes: int, seed: int) -> Genotype:
+    """A genotype drawn uniformly from the DARTS space by ``seed`` (Li & Talwalkar's random-search
+    baseline): per node two different earlier states, on each an op other than ``none``."""
+    rng = random.Random(seed)
+    ops = [p for p in primitives if p != "none"]
+    concat = list(range(N_INPUTS, N_INPUTS + n_nodes))
+    cells = [[[(rng.choice(ops), i) for i in sorted(rng.sample(range(N_INPUTS + j), 2))] for j in range(n_nodes)]
+             for _ in ("normal", "reduce")]
+    return Genotype.build(cells[0], concat, cells[1], concat)

@@ -64,19 +64,39 @@ class RunDir:
         return resume and self.checkpoint.exists()
 
     def history(self) -> list[dict]:
+        """The epoch records; a last line cut short (a crash while it was written by an older
+        version, or a copy cut off) is left out. A bad line before the last is an error."""
         path = self.path / HISTORY
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for n, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n == len(lines) - 1:
+                    break
+                raise RunDirError(f"{path}: line {n + 1} is not a JSON record; the history is damaged") from None
+        return records
 
     def truncate_history(self, epochs_done: int) -> None:
-        """Drop records past the checkpoint (written after it, before a crash)."""
-        kept = [r for r in self.history() if r["epoch"] < epochs_done]
+        """Keep the records of the epochs the checkpoint has done, dropping any written after it
+        (before a crash), or refuse a history that lacks one of those epochs."""
+        kept = [r for r in self.history() if r.get("epoch", -1) < epochs_done]
+        if [r.get("epoch") for r in kept] != list(range(epochs_done)):
+            have = [r.get("epoch") for r in kept]
+            raise RunDirError(f"--resume {self.path}: {HISTORY} holds epochs {have or 'none'}, but the "
+                              f"checkpoint has done epochs 0..{epochs_done - 1}; it cannot be resumed")
         write_text_atomic(self.path / HISTORY, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append_history(self, record: dict) -> None:
-        with open(self.path / HISTORY, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """Add a record by replacing the whole file, so that a crash leaves it whole, old or new."""
+        path = self.path / HISTORY
+        text = path.read_text() if path.exists() else ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        write_text_atomic(path, text + json.dumps(record) + "\n")
 
     def write_json(self, name: str, obj: dict) -> None:
         """One top-level key per line, values compact (a genotype stays readable)."""
@@ -110,6 +130,10 @@ def format_record(record: dict) -> str:
                        ("test_loss", "test loss"), ("test_error", "test error")):
         if key in record:
             parts.append(f"{label} {record[key]:.3f}")
+    if "derived_valid_acc" in record:   # the derived architecture with the super-net's weights
+        parts.append(f"derived acc {record['derived_valid_acc']:.3f}")
+    if record.get("genotype_stability") is not None:
+        parts.append(f"stable {record['genotype_stability']:.2f}")
     if "tau" in record:
         parts.append(f"tau {record['tau']:.3f}")
     if kept:

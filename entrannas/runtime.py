@@ -43,7 +43,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state, in types that ``torch.load(weights_only=True)`` reads back
+    (NumPy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -51,7 +55,8 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -85,12 +90,25 @@ def save_atomic(obj, path: os.PathLike) -> None:
     """``torch.save`` through a temporary file, so a crash mid-write keeps the previous file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except RuntimeError as e:   # torch reports a full disk as a RuntimeError ('iostream error')
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {tmp}: {str(e).strip().splitlines()[0]}") from None
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: os.PathLike, device: torch.device) -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: truncated, corrupt, or holding more than weights and plain data."""
+
+
+def load_checkpoint(path: os.PathLike, device: Optional[torch.device] = None) -> dict:
+    """A checkpoint, read weights-only: tensors and plain containers, never code to run."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:   # torch raises several kinds (UnpicklingError, RuntimeError, EOFError)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first})") from None
 
 
 class EpochJob:
@@ -99,7 +117,7 @@ class EpochJob:
     Subclasses set ``config`` (with ``epochs``), ``device``, ``epoch`` and implement ``run_epoch``,
     ``state_dict`` and ``load_state_dict``."""
 
-    CHECKPOINT_VERSION = 1
+    CHECKPOINT_VERSION = 2
 
     def run(self, on_step=None):
         """Yield one record per remaining epoch; ``on_step(step, steps)`` is called after each step."""

@@ -13,10 +13,18 @@ from .bilevel import BilevelOptimizer
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
+from .genotype import Genotype, random_genotype
 from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
                       rng_state, seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
 from .temperature import temperature
+
+def genotype_stability(before: Genotype, after: Genotype) -> float:
+    """The share of (cell, node, op, input) choices two genotypes have in common (of those either
+    has): 1.0 when the derived architecture did not change."""
+    a, b = before.choices(), after.choices()
+    return len(a & b) / len(a | b)
+
 
 class SearchDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -40,12 +48,19 @@ class Search(EpochJob):
                                       config.compile_cache)
         self.optimizer = BilevelOptimizer(self.model, config)
         self.epoch = 0
+        self.last_genotype: Optional[Genotype] = None   # the previous epoch's, for genotype_stability
         self.model.tau = self.tau
 
     @property
     def tau(self) -> float:
+        """tau of this epoch: annealed over the epochs before the settling ones, then held at tau_end."""
         c = self.config
-        return temperature(c.tau_schedule, self.epoch, c.epochs, c.tau_start, c.tau_end)
+        return temperature(c.tau_schedule, self.epoch, c.epochs - c.settle_epochs, c.tau_start, c.tau_end)
+
+    def updates_arch(self) -> bool:
+        """Whether this epoch's steps update alpha and beta: after the warm-up, before the settling epochs."""
+        c = self.config
+        return c.arch_warmup_epochs <= self.epoch < c.epochs - c.settle_epochs
 
     def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
         """Train one epoch, then evaluate the super-net on the architecture split."""
@@ -55,7 +70,7 @@ class Search(EpochJob):
         compiled = Counter(model.compiled.stats) if model.compiled is not None else None
         reset_peak_memory(self.device)
         model.tau = self.tau
-        update_arch = self.epoch >= c.arch_warmup_epochs
+        update_arch = self.updates_arch()
         self.data.train.set_epoch(self.epoch)
         self.data.valid.set_epoch(self.epoch)
         model.train()
@@ -84,9 +99,12 @@ class Search(EpochJob):
                                  "lower lr or arch_lr")
         valid_start = time.perf_counter()
         valid_loss, valid_acc = self.evaluate()   # ends in a sync, as the training loop's sums did
+        _, derived_acc = self.evaluate(derived=True)
         end = time.perf_counter()
         record = self._record(train_loss / n_train, train_correct / n_train, valid_loss, valid_acc,
                               lr, update_arch, end - start)
+        record["derived_valid_acc"] = derived_acc
+        record["supernet_gap"] = valid_acc - derived_acc
         record["valid_seconds"] = end - valid_start   # the validation pass's share of "seconds"
         # Host syncs to read a derived structure, and compiled/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
@@ -100,11 +118,13 @@ class Search(EpochJob):
         self.epoch += 1
         return record
 
-    def evaluate(self) -> tuple[float, float]:
-        """Super-net loss and accuracy on the architecture split."""
+    def evaluate(self, derived: bool = False) -> tuple[float, float]:
+        """Super-net loss and accuracy on the architecture split; ``derived``: those of the derived
+        architecture with the super-net's weights (every cell a Transit-cell)."""
         self.data.valid.set_epoch(self.epoch)
+        logits = self.optimizer.derived_logits if derived else self.optimizer.logits
         with evaluating(self.model):
-            return loss_and_accuracy(self.optimizer.logits, self.data.valid, self.device)
+            return loss_and_accuracy(logits, self.data.valid, self.device)
 
     def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
         m = self.model
@@ -113,6 +133,8 @@ class Search(EpochJob):
         if m.beta_normal is not None:
             thr = {"normal": thresholds(m.beta_normal.detach()).tolist(),
                    "reduce": thresholds(m.beta_reduce.detach()).tolist()}
+        stability = None if self.last_genotype is None else genotype_stability(self.last_genotype, genotype)
+        self.last_genotype = genotype
         return {
             "epoch": self.epoch,
             "seed": self.config.seed,
@@ -122,6 +144,7 @@ class Search(EpochJob):
             "train_loss": train_loss, "train_acc": train_acc,
             "valid_loss": valid_loss, "valid_acc": valid_acc,
             "genotype": genotype.to_dict(),
+            "genotype_stability": stability,
             "kept_connections": {"normal": genotype.inputs_per_node("normal"),
                                  "reduce": genotype.inputs_per_node("reduce")},
             "thresholds": thr,
@@ -130,10 +153,15 @@ class Search(EpochJob):
             **where_it_ran(self.device),
         }
 
+    def genotype(self) -> Genotype:
+        """The architecture derived now (at the end of the last epoch run)."""
+        return self.model.genotype()
+
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "last_genotype": self.last_genotype and self.last_genotype.to_dict(),
                 "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -141,5 +169,40 @@ class Search(EpochJob):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
+        self.last_genotype = state["last_genotype"] and Genotype.from_dict(state["last_genotype"])
         self.model.tau = self.tau
         set_rng_state(state["rng"], self.device)
+
+
+class RandomSearch(EpochJob):
+    """``mode: random``: a genotype drawn from the search space by the seed, with no training
+    (Li & Talwalkar's sanity baseline). Its one record holds the genotype and no losses."""
+
+    def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
+        self.config = config.resolve()
+        self.device = device or resolve_device(self.config.device)
+        self.epoch = 0
+        self._genotype = random_genotype(self.config.primitives, self.config.nodes, self.config.seed)
+
+    def genotype(self) -> Genotype:
+        return self._genotype
+
+    def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
+        g = self._genotype
+        record = {"epoch": self.epoch, "seed": self.config.seed, "arch_updated": False, "genotype": g.to_dict(),
+                  "kept_connections": {"normal": g.inputs_per_node("normal"), "reduce": g.inputs_per_node("reduce")},
+                  "seconds": 0.0, **where_it_ran(self.device)}
+        self.epoch += 1
+        return record
+
+    def state_dict(self) -> dict:
+        return {"version": self.CHECKPOINT_VERSION, "config": self.config.to_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_version(state)
+        self.epoch = state["epoch"]
+
+
+def search_job(config: SearchConfig, device: Optional[torch.device] = None):
+    """The job that runs ``config``: a ``Search``, or a ``RandomSearch`` for ``mode: random``."""
+    return (RandomSearch if config.mode == "random" else Search)(config, device)

@@ -641,10 +641,24 @@ class SearchNetwork(nn.Module):
             return self.compiled(structure, *args)
         return self.run_structure(structure.plans, *args)
 
+    @torch.no_grad()
+    def derived_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the derived architecture with the super-net's weights: every cell, the
+        Engine-cells too, runs as a Transit-cell (Eq. 3, a plain sum over the derived set). Its
+        accuracy beside the super-net's measures the gap between search and target network."""
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weights = self.arch_weights(detach=True)
+        masks = _masks_on_host(self.device_masks(weights))
+        plans = tuple(self._plan(masks[1] if cell.reduction else masks[0], x.device) for cell in self.cells)
+        return self.run_structure(plans, x, *weights, transit_only=True)
+
     def run_structure(self, plans: tuple[CellPlan, ...], x: torch.Tensor, w_normal: torch.Tensor,
-                      w_reduce: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      w_reduce: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                      transit_only: bool = False) -> torch.Tensor:
         """The network for one derived structure: what ``compile_structures`` compiles. With
-        ``masks`` (``[2, E, K]``, masked Transit-cells) a Transit-cell weights its ops by them."""
+        ``masks`` (``[2, E, K]``, masked Transit-cells) a Transit-cell weights its ops by them;
+        ``transit_only`` runs the Engine-cells as Transit-cells too."""
         # Every cell's preprocessing begins with a ReLU of its inputs, and each state is the input of
         # two cells (s1 of the next, s0 of the one after): the ReLU runs once per state, for both.
         stem = self.stem0(x)
@@ -653,7 +667,7 @@ class SearchNetwork(nn.Module):
         r1 = r0 if self.stem1 is None else F.relu(self.stem1[1:](r0))
         for index, (cell, plan) in enumerate(zip(self.cells, plans)):
             w = w_reduce if cell.reduction else w_normal
-            if cell.engine:
+            if cell.engine and not transit_only:
                 coef = w[plan.rows, plan.cols]
             elif masks is not None:
                 coef = masks[1 if cell.reduction else 0][plan.rows, plan.cols].to(w.dtype)

@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import yaml
 
-from entrannas.config import ConfigError, EvalConfig, SearchConfig, parse_overrides, read_yaml, unknown_setting
+from entrannas.config import (PATH_SETTINGS, ConfigError, EvalConfig, SearchConfig, absolute_path, parse_overrides,
+                              read_yaml, unknown_setting, yaml_error)
 
 TOP_KEYS = ("name", "base", "sweep", "resources", "max_concurrent", "max_failures", "evaluate")
 RESOURCE_KEYS = ("cpu", "gpu")
@@ -100,9 +101,16 @@ def _fail(key: str, value: Any, allowed: str) -> SpecError:
     return SpecError(f"{key} = {value!r}: {allowed}")
 
 
+#: The longest experiment name: it names a directory, and Tune puts it in longer names of its own.
+MAX_NAME = 100
+
+
 def _check_name(key: str, name: Any) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise _fail(key, name, "needs a name of letters, digits, '_', '.', '-' (it names a directory)")
+    if len(name) > MAX_NAME:
+        raise SpecError(f"{key}: a name of {len(name)} characters ({name[:20]}...): at most {MAX_NAME} "
+                        "(it names a directory)")
 
 
 def _resources(where: str, value: Any) -> dict:
@@ -116,6 +124,9 @@ def _resources(where: str, value: Any) -> dict:
             raise _fail(f"{where}.{key}", amount, "must be a number >= 0")
         if amount > 1 and amount != int(amount):
             raise _fail(f"{where}.{key}", amount, "fractions are allowed below 1 only; above, whole units")
+        if key == "gpu" and amount > 1:
+            raise _fail(f"{where}.{key}", amount, "a trial runs on one device: at most 1 GPU per trial "
+                        "(a fraction shares one)")
         out[key] = amount
     if out["cpu"] <= 0:
         raise _fail(f"{where}.cpu", out["cpu"], "must be > 0")
@@ -149,12 +160,27 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
     base = dict(base)
     sweep: list[dict] = []
     set_keys = set()
+    resources = data.get("resources", {"cpu": 1, "gpu": 0})
+    top = {key: data.get(key) for key in ("max_concurrent", "max_failures") if key in data}
     for key, value in parse_overrides(overrides or []).items():
-        if key.startswith("evaluate."):
+        if key.startswith("evaluate.resources."):
+            evaluate = dict(evaluate or {})
+            evaluate["resources"] = {**(evaluate.get("resources") or {}), key.split(".", 2)[2]: value}
+        elif key.startswith("evaluate."):
             evaluate = {**(evaluate or {}), key.split(".", 1)[1]: value}
+        elif key.startswith("resources."):
+            resources = {**(resources if isinstance(resources, dict) else {}), key.split(".", 1)[1]: value}
+        elif key in ("max_concurrent", "max_failures"):
+            top[key] = value
         else:
             base[key] = value
             set_keys.add(key)
+    # Relative paths mean the directory the sweep is started from, not a trial's own directory.
+    for key in PATH_SETTINGS:
+        if key in base:
+            base[key] = absolute_path(base[key])
+        if evaluate is not None and key in evaluate:
+            evaluate[key] = absolute_path(evaluate[key])
     for key in base:
         if key not in search_keys:
             raise _fail(f"base.{key}", base[key], unknown_setting(key, sorted(search_keys), "search setting"))
@@ -172,17 +198,17 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
                 values = [values]   # a bare value is fixed
             if not values:
                 raise _fail(f"{where}.{key}", values, "empty axis: give at least one value")
-            axes[key] = values
+            axes[key] = [absolute_path(v) for v in values] if key in PATH_SETTINGS else values
         sweep.append(axes)
 
-    resources = _resources("resources", data.get("resources", {"cpu": 1, "gpu": 0}))
+    resources = _resources("resources", resources)
     if evaluate is not None and "resources" in evaluate:
         evaluate["resources"] = _resources("evaluate.resources", evaluate["resources"])
-    max_concurrent = data.get("max_concurrent")
+    max_concurrent = top.get("max_concurrent")
     if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
                                        or max_concurrent < 1):
         raise _fail("max_concurrent", max_concurrent, "must be an integer >= 1 (or left out)")
-    max_failures = data.get("max_failures", 2)
+    max_failures = top.get("max_failures", 2)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise _fail("max_failures", max_failures, "must be an integer >= 0")
 
@@ -209,7 +235,7 @@ def load_spec(path: os.PathLike, overrides: Optional[list[str]] = None) -> Sweep
     try:
         data = read_yaml(p.read_text())
     except yaml.YAMLError as e:
-        raise _fail("spec", str(path), f"is not valid YAML: {e}") from None
+        raise SpecError(yaml_error(path, e)) from None
     return spec_from_dict(data, overrides)
 
 

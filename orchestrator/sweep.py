@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,6 +37,17 @@ def ray_environment(address: Optional[str]) -> Optional[str]:
         # A local Ray listens on loopback only (Ray's single-machine mode, as on macOS).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return address
+
+
+def check_dashboard(dashboard: bool) -> None:
+    """``--dashboard`` needs the packages of ``ray[default]``; say so before anything starts."""
+    if not dashboard:
+        return
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as e:
+        raise ExperimentError(f"--dashboard: Ray's dashboard needs ray[default] ({e.name or e} is missing); "
+                              "install it with: pip install -e '.[dashboard]'") from None
 
 
 def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) -> None:
@@ -149,22 +161,50 @@ def run_sweep(spec: SweepSpec, storage: os.PathLike = "runs", address: Optional[
     address = ray_environment(address)
     from ray import tune
 
+    check_dashboard(dashboard)
+    if address is None:
+        check_resources_fit(spec, [local_node_resources()])   # before anything is written
     storage = Path(storage).expanduser().resolve()
     experiment = storage / spec.name
-    if (experiment / SPEC_FILE).exists():
-        raise ExperimentError(f"--storage/--name: {experiment} already holds a sweep; continue it with "
-                              f"'entrannas-tune resume {experiment}' or choose another --name")
-    start_ray(spec, address, dashboard)
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    claim_experiment(experiment, spec)
+    try:
+        start_ray(spec, address, dashboard)
+    except BaseException:
+        (experiment / SPEC_FILE).unlink()   # nothing ran: give the name back
+        if not any(experiment.iterdir()):
+            experiment.rmdir()
+        raise
     out(f"sweep {spec.name}: {len(spec.points())} trials, {spec.trial_resources()} each, into {experiment}")
     tuner = tune.Tuner(
         _trainable(spec, trial_fn), param_space=param_space(spec),
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
-                                    trial_dirname_creator=lambda t: t.trial_id,
+                                    trial_dirname_creator=trial_dirname,
                                     trial_name_creator=lambda t: t.trial_id),
         run_config=_run_config(spec, storage, [progress_callback(spec, out)]))
     return tuner.fit()
+
+
+def claim_experiment(experiment: Path, spec: SweepSpec) -> None:
+    """Create ``experiment`` and write its ``sweep.yaml`` in one exclusive step, before Ray starts:
+    of two sweeps started with the same storage and name, exactly one gets it. Storage that cannot
+    be written is found here too."""
+    try:
+        experiment.mkdir(parents=True, exist_ok=True)
+        with open(experiment / SPEC_FILE, "x") as fh:
+            fh.write(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    except FileExistsError:
+        raise ExperimentError(f"--storage/--name: {experiment} already holds a sweep; continue it with "
+                              f"'entrannas-tune resume {experiment}' or choose another --name") from None
+    except OSError as e:
+        raise ExperimentError(f"--storage: cannot write {e.filename or experiment}: {e.strerror or e}") from None
+
+
+def trial_dirname(trial) -> str:
+    """A trial's directory: its swept settings, short and safe for a file name, then its id."""
+    point = trial.config["trial"]["point"]
+    text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in point.items())
+    text = re.sub(r"[^A-Za-z0-9_.,=-]+", "_", text)[:80]
+    return f"{text}_{trial.trial_id}" if text else trial.trial_id
 
 
 def load_experiment_spec(experiment: os.PathLike) -> SweepSpec:
@@ -184,6 +224,7 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     address = ray_environment(address)
     from ray import tune
 
+    check_dashboard(dashboard)
     experiment = Path(experiment).expanduser().resolve()
     spec = load_experiment_spec(experiment)
     if not tune.Tuner.can_restore(str(experiment)):
@@ -201,15 +242,32 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     return tuner.fit()
 
 
-def summarize(results, out: Callable[[str], None] = print) -> None:
-    """A short table of trials when no full report is written."""
+def failure_cause(result) -> Optional[str]:
+    """A failed or diverged trial's cause in one line: the last line of its exception (the project's
+    own errors cross from the trial intact), or the divergence message."""
+    metrics = result.metrics or {}
+    if metrics.get("error"):
+        return str(metrics["error"])
+    if result.error is None:
+        return None
+    lines = [line.strip() for line in str(result.error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(result.error).__name__
+
+
+def summarize(results, out: Callable[[str], None] = print) -> list[str]:
+    """A line per trial (status, error, settings, and the cause of a failure); returns the statuses."""
     from results.collect import trial_status
 
+    statuses = []
     for result in results:
         metrics = result.metrics or {}
         status = trial_status(metrics, errored=result.error is not None)
+        statuses.append(status)
         err = metrics.get("eval_test_error", metrics.get("valid_error"))
         err_text = f"{err:.4f}" if isinstance(err, float) else "-"
         point = (result.config or {}).get("trial", {}).get("point", {})
-        out(f"  {status:<8} error {err_text:<7} " + ", ".join(f"{k}={v}" for k, v in point.items()))
+        cause = failure_cause(result) if status in ("failed", "diverged") else None
+        out(f"  {status:<8} error {err_text:<7} " + ", ".join(f"{k}={v}" for k, v in point.items())
+            + (f"\n           cause: {cause}" if cause else ""))
+    return statuses
 

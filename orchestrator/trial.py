@@ -15,33 +15,32 @@ import torch
 from ray import tune
 
 from entrannas.config import EvalConfig, SearchConfig
-from entrannas.runtime import WHERE_IT_RAN
-from entrannas.search import Search, SearchDiverged
+from entrannas.runtime import WHERE_IT_RAN, load_checkpoint
+from entrannas.search import SearchDiverged, search_job
 from entrannas.train import Evaluation, TrainingDiverged
 
 STATE_FILE = "trial.pt"
 
 
 def search_metrics(record: dict) -> dict:
-    """A search epoch record as flat Tune metrics (the genotype as a JSON string)."""
+    """A search epoch record as flat Tune metrics (the genotype as a JSON string). A random-mode
+    record has no losses: those metrics are None."""
     thresholds = record.get("thresholds") or {}
+    valid_acc = record.get("valid_acc")
     return {
         "stage": "search",
         "epoch": record["epoch"],
         "seed": record["seed"],
-        "tau": record["tau"],
-        "train_loss": record["train_loss"],
-        "train_acc": record["train_acc"],
-        "valid_loss": record["valid_loss"],
-        "valid_acc": record["valid_acc"],
-        "valid_error": 1.0 - record["valid_acc"],
+        **{key: record.get(key) for key in ("tau", "train_loss", "train_acc", "valid_loss", "valid_acc",
+                                            "derived_valid_acc", "supernet_gap", "genotype_stability")},
+        "valid_error": None if valid_acc is None else 1.0 - valid_acc,
         "genotype": json.dumps(record["genotype"]),
         "kept_normal": record["kept_connections"]["normal"],
         "kept_reduce": record["kept_connections"]["reduce"],
         "thresholds_normal": thresholds.get("normal"),
         "thresholds_reduce": thresholds.get("reduce"),
         "search_seconds": record["seconds"],
-        "peak_memory_mb": record["peak_memory_mb"],
+        "peak_memory_mb": record.get("peak_memory_mb"),
         **{key: record.get(key) for key in WHERE_IT_RAN},
     }
 
@@ -60,7 +59,7 @@ def _restore() -> Optional[dict]:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_checkpoint(Path(directory) / STATE_FILE, torch.device("cpu"))
 
 
 def search_trial(config: dict) -> None:
@@ -76,7 +75,7 @@ def search_trial(config: dict) -> None:
     search_seconds = 0.0
     last: dict = {}
     if state is None or state["stage"] == "search":
-        search = Search(search_config)
+        search = search_job(search_config)
         if state is not None:
             search.load_state_dict(state["search"])
             last, search_seconds = state["last"], state["search_seconds_total"]
@@ -91,7 +90,7 @@ def search_trial(config: dict) -> None:
         except SearchDiverged as e:
             tune.report({**last, "stage": "search", "diverged": True, "error": str(e), "done": True})
             return
-        genotype = search.model.genotype()
+        genotype = search.genotype()
         del search
     else:
         last = state["last"]

@@ -53,15 +53,20 @@ def _is_eval_config(path: Path) -> bool:
 @lru_cache(maxsize=None)
 def standard_cost(genotype_json: str, dataset: str) -> tuple[float, float]:
     """(parameters in millions, multiply-adds in millions) of the genotype's standard evaluation
-    network: DARTS' CIFAR network (36 channels, 20 cells) or the ImageNet mobile one (48, 14)."""
+    network: DARTS' CIFAR network (36 channels, 20 cells) or the ImageNet mobile one (48, 14).
+    Cached: counted once per distinct genotype and dataset."""
     from entrannas.evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 
+    import torch
+
     genotype = Genotype.from_json(genotype_json)
-    if dataset == "imagenet":
-        net, shape = NetworkImageNet(genotype, 48, 14, 1000), (3, 224, 224)
-    else:
-        classes = 100 if dataset == "cifar100" else 10
-        net, shape = NetworkCIFAR(genotype, 36, 20, classes), (3, 32, 32)
+    # On the meta device: shapes only, no memory and no arithmetic, and the counts are exact.
+    with torch.device("meta"):
+        if dataset == "imagenet":
+            net, shape = NetworkImageNet(genotype, 48, 14, 1000), (3, 224, 224)
+        else:
+            classes = 100 if dataset == "cifar100" else 10
+            net, shape = NetworkCIFAR(genotype, 36, 20, classes), (3, 32, 32)
     return count_parameters(net) / 1e6, count_multiply_adds(net, shape) / 1e6
 
 
@@ -124,6 +129,7 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         genotype = json.loads(last["genotype"]) if last.get("genotype") else None
         search_s = last.get("search_seconds_total")
         eval_s = last.get("eval_seconds_total")
+        evaluated = last.get("stage") == "evaluate"
         row = {
             "experiment": experiment.name, "trial_id": trial_dir.name, "status": status,
             **{f"setting:{k}": _plain(v) for k, v in point.items()},
@@ -131,7 +137,12 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "dataset": settings.get("dataset", "digits"),
             "epochs_done": (search_rows[-1]["epoch"] + 1) if search_rows else 0,
             "valid_error": last.get("valid_error"),
-            "eval_test_error": last.get("eval_test_error") if last.get("stage") == "evaluate" else None,
+            "valid_error_rise": _rise_from_best([r.get("valid_error") for r in search_rows]),
+            **_search_quality(last),
+            "eval_test_error": last.get("eval_test_error") if evaluated else None,
+            # the network the evaluation trained (its config, dataset and input size)
+            "params_m": last.get("eval_params_m") if evaluated else None,
+            "multiply_adds_m": last.get("eval_multiply_adds_m") if evaluated else None,
             "genotype": json.dumps(genotype) if genotype else None,
             "search_seconds": search_s, "eval_seconds": eval_s,
             "gpu_hours": ((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600 if gpu or eval_gpu else None,
@@ -143,6 +154,27 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         for r in search_rows:
             epochs.append(_epoch_row(row, r))
     return trials, epochs
+
+
+def _search_quality(record: dict) -> dict:
+    """A search epoch's settling figures: the derived architecture's validation error with the
+    super-net's weights, the super-net's accuracy minus the derived one's, the genotype's stability."""
+    derived = record.get("derived_valid_acc")
+    return {"derived_valid_error": None if derived is None else 1 - derived,
+            "supernet_gap": record.get("supernet_gap"), "genotype_stability": record.get("genotype_stability")}
+
+
+def _rise_from_best(errors: list) -> Optional[float]:
+    """The last epoch's super-net validation error minus the best epoch's: how far a search fell
+    back from its best state by its end (0 for a search that ends at its best)."""
+    errors = [e for e in errors if e is not None]
+    return errors[-1] - min(errors) if errors else None
+
+
+def _valid_error(record: dict) -> Optional[float]:
+    if record.get("valid_error") is not None:
+        return record["valid_error"]
+    return None if record.get("valid_acc") is None else 1 - record["valid_acc"]
 
 
 def _plain(value):
@@ -163,7 +195,7 @@ def _epoch_row(trial: dict, record: dict) -> dict:
         **{k: v for k, v in trial.items()
            if k in ("experiment", "trial_id", "seed", "mode") or k.startswith("setting:")},
         "epoch": record["epoch"], "tau": record.get("tau"),
-        "valid_error": record.get("valid_error", 1 - record["valid_acc"] if "valid_acc" in record else None),
+        "valid_error": _valid_error(record), **_search_quality(record),
         "train_loss": record.get("train_loss"),
         "kept_total": (sum(kept_n) + sum(kept_r)) if kept_n and kept_r else None,
         **thresholds,
@@ -183,9 +215,12 @@ def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
         "experiment": path.name, "trial_id": path.name, "status": "done" if done else "running",
         "seed": config.get("seed", 0), "mode": config.get("mode", "evaluate" if kind == "evaluate" else None),
         "dataset": config.get("dataset"), "epochs_done": len(history),
-        "valid_error": (1 - history[-1]["valid_acc"]) if kind == "search" and history else None,
+        "valid_error": _valid_error(history[-1]) if kind == "search" and history else None,
+        "valid_error_rise": _rise_from_best([_valid_error(r) for r in history]) if kind == "search" else None,
+        **_search_quality(history[-1] if kind == "search" and history else {}),
         "eval_test_error": result.get("test_error",
                                       history[-1].get("test_error") if kind == "evaluate" and history else None),
+        "params_m": result.get("params_m"), "multiply_adds_m": result.get("multiply_adds_m"),
         "genotype": json.dumps(genotype) if genotype else None,
         "search_seconds": seconds if kind == "search" else None,
         "eval_seconds": seconds if kind == "evaluate" else None,
@@ -204,8 +239,10 @@ def load(paths, with_cost: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     ``trials``: one row per trial, with the swept settings as ``setting:KEY`` columns.
     ``epochs``: one row per trial and search epoch (valid error, tau, thresholds, kept connections).
-    ``with_cost`` adds the parameters and multiply-adds of each final genotype's standard
-    evaluation network (``params_m``, ``multiply_adds_m``)."""
+    ``params_m`` and ``multiply_adds_m`` are those of the network an evaluation trained (empty
+    where none did); ``with_cost`` adds those of each final genotype's standard evaluation network
+    (DARTS' CIFAR network, or the ImageNet mobile one) as ``standard_params_m`` and
+    ``standard_multiply_adds_m``, whatever the dataset the trial ran on."""
     trials, epochs = [], []
     for p in paths:
         path = Path(p)
@@ -219,8 +256,8 @@ def load(paths, with_cost: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     if with_cost and not df.empty:
         costs = [standard_cost(g, d) if isinstance(g, str) else (None, None)
                  for g, d in zip(df["genotype"], df["dataset"].fillna("cifar10"))]
-        df["params_m"] = [c[0] for c in costs]
-        df["multiply_adds_m"] = [c[1] for c in costs]
+        df["standard_params_m"] = [c[0] for c in costs]
+        df["standard_multiply_adds_m"] = [c[1] for c in costs]
     op_columns = [c for c in df.columns if c.startswith("op:")]
     df[op_columns] = df[op_columns].fillna(0).astype(int) if op_columns else df[op_columns]
     return df, pd.DataFrame(epochs)

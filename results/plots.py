@@ -165,6 +165,27 @@ def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
     return fig
 
 
+def settling(epochs: pd.DataFrame, key: str) -> Figure:
+    """Whether searches settle, per epoch and value of ``key``: the share of the genotype's
+    choices unchanged since the previous epoch, and the derived architecture's validation error
+    minus the super-net's (both with the super-net's weights)."""
+    df, order = _categories(epochs, key)
+    df["__gap"] = _percent(df, "derived_valid_error") - _percent(df, "valid_error")
+    panels = [("genotype_stability", "genotype stability (share unchanged)"),
+              ("__gap", "derived minus super-net valid error (points)")]
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    for ax, (column, label) in zip(fig.subplots(1, 2), panels):
+        data = df.dropna(subset=[column])
+        shown = [v for v in order if v in set(data[key])]
+        sns.lineplot(data=data, x="epoch", y=column, hue=key, style=key, errorbar="sd", ax=ax,
+                     **_line_styles(order, shown))
+        _epoch_axis(ax)
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    fig.suptitle(f"does the search settle? per {key}")
+    return fig
+
+
 def op_heatmap(trials: pd.DataFrame, key: str) -> Figure:
     """Mean count of each operation in the final genotypes (normal + reduction cell) per group."""
     df, order = _categories(trials, key)

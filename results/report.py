@@ -120,6 +120,9 @@ def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:
     if not epochs.empty:
         figs.append((f"{safe}_curves", f"validation error per epoch, per {key}", plots.learning_curves(epochs, key)))
         figs.append((f"{safe}_trajectories", f"tau and thresholds per {key}", plots.trajectories(epochs, key)))
+        if "genotype_stability" in epochs.columns and epochs["genotype_stability"].notna().any():
+            figs.append((f"{safe}_settling", f"genotype stability and derived-net gap per {key}",
+                         plots.settling(epochs, key)))
     if any(c.startswith("op:") for c in trials.columns):
         figs.append((f"{safe}_ops", f"operation frequency per {key}", plots.op_heatmap(trials, key)))
     cells = plots.best_cells(trials, key)

@@ -19,10 +19,15 @@ from entrannas.config import did_you_mean
 #: value columns summarised, with the label and scale used in Markdown/LaTeX
 VALUES: dict[str, tuple[str, float]] = {
     "valid_error": ("super-net valid error (%)", 100.0),
+    "valid_error_rise": ("last minus best epoch (points)", 100.0),
+    "derived_valid_error": ("derived-net valid error (%)", 100.0),
+    "genotype_stability": ("last-epoch stability", 1.0),
     "eval_test_error": ("test error (%)", 100.0),
     "kept_total": ("kept connections", 1.0),
-    "params_m": ("params (M)", 1.0),
-    "multiply_adds_m": ("multiply-adds (M)", 1.0),
+    "params_m": ("params, evaluated net (M)", 1.0),
+    "multiply_adds_m": ("multiply-adds, evaluated net (M)", 1.0),
+    "standard_params_m": ("params, standard net (M)", 1.0),
+    "standard_multiply_adds_m": ("multiply-adds, standard net (M)", 1.0),
     "search_seconds": ("search time (s)", 1.0),
     "gpu_hours": ("GPU-hours", 1.0),
     "peak_memory_mb": ("peak memory (MB)", 1.0),

@@ -1,6 +1,7 @@
 import functools
 import math
 import os
+import pickle
 
 # Ray reads these when it is imported: every Ray process of the tests must agree (MACHINE-NOTES).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -9,6 +10,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Local Ray instances of the tests listen on loopback only, like the ones the CLI starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,24 @@ TIMED = ("seconds", "valid_seconds", "peak_memory_mb")
 def untimed(record: dict, also: tuple = ()) -> dict:
     """``record`` less its ``TIMED`` fields (and ``also``): what the seed decides."""
     return {k: v for k, v in record.items() if k not in TIMED + also}
+
+
+def write_cifar(root, name: str, n_per_batch: int = 10):
+    """A small copy of torchvision's on-disk CIFAR format, written here (no download)."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        key, classes = "labels", 10
+    else:
+        folder = root / "cifar-100-python"
+        files, key, classes = ["train", "test"], "fine_labels", 100
+    folder.mkdir(parents=True)
+    for f in files:
+        entry = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, n_per_batch).tolist()}
+        with open(folder / f, "wb") as fh:
+            pickle.dump(entry, fh)
 
 
 def tiny_config(**changes) -> SearchConfig:

@@ -52,7 +52,7 @@ def test_a_step_updates_alpha_on_the_valid_batch_then_the_weights_on_the_train_b
 
 def test_the_optimisers_are_spec_6s():
     """SPEC 6's defaults (CIFAR): SGD lr 0.1, momentum 0.9, wd 3e-4, cosine to 0 over the epochs;
-    Adam lr 6e-4, betas (0.5, 0.999), wd 1e-3 for alpha and beta; and each reaches its optimiser."""
+    Adam lr 6e-4, betas (0.5, 0.999), wd 1e-3 for alpha; and each reaches its optimiser."""
     config = tiny_config(mode="dst", dataset="synthetic")   # CIFAR's recipe, at a tiny size
     opt = BilevelOptimizer(tiny_net(mode="dst"), config)
     sgd, adam = opt.w_optimizer.param_groups[0], opt.a_optimizer.param_groups[0]
@@ -94,7 +94,40 @@ def test_regularizer_only_in_dst():
     assert BilevelOptimizer(net, tiny_config(mode="entrannas", lambda_=3.0)).regularizer() == 0
     net = tiny_net(mode="dst", beta_init=0.0)
     reg = BilevelOptimizer(net, tiny_config(mode="dst", lambda_=3.0)).regularizer()
-    assert reg.item() == pytest.approx(3.0 * torch.log(torch.tensor(2.0)).item())
+    # Eq. 11 per cell type: 1/(n-1) sum_j -log t_j = log 2 for each of the two cells
+    assert reg.item() == pytest.approx(3.0 * 2 * torch.log(torch.tensor(2.0)).item())
+
+
+def test_regularizer_adds_each_cells_mean_over_its_nodes():
+    """Eq. 11: lambda * 1/(n-1) sum_j -log t_j, the mean over one cell's nodes, for each cell type."""
+    net = tiny_net(mode="dst")
+    with torch.no_grad():
+        net.beta_normal.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+        net.beta_reduce.copy_(torch.tensor([3.0, -2.0, 0.5, 0.0]))
+    t_n, t_r = torch.sigmoid(net.beta_normal.detach()), torch.sigmoid(net.beta_reduce.detach())
+    by_hand = 0.7 * ((-torch.log(t_n)).sum() / 4 + (-torch.log(t_r)).sum() / 4)
+    reg = BilevelOptimizer(net, tiny_config(mode="dst", lambda_=0.7)).regularizer()
+    assert reg.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_beta_takes_a_plain_gradient_step_so_lambda_sets_its_pace():
+    """beta: SGD at beta_lr with no weight decay (Adam would move it by about arch_lr whatever
+    lambda is); alpha: Adam with arch_weight_decay. With the loss's own gradient taken out, one
+    step moves beta by beta_lr * lambda * (1 - t) / n_nodes: ten times as far at ten times lambda."""
+    def beta_step(lambda_):
+        net = tiny_net(mode="dst")
+        config = tiny_config(mode="dst", lambda_=lambda_, beta_lr=0.5, arch_weight_decay=0.1)
+        opt = BilevelOptimizer(net, config)
+        assert opt.b_optimizer.param_groups[0]["weight_decay"] == 0
+        assert {id(p) for p in opt.a_optimizer.param_groups[0]["params"]} == {id(net.alpha_normal), id(net.alpha_reduce)}
+        before = torch.cat([net.beta_normal, net.beta_reduce]).detach().clone()
+        opt.frozen_arch_loss = lambda x, y: (opt.regularizer(), None)   # the regulariser alone
+        opt.arch_step(tiny_batch(0), tiny_batch(1))
+        return torch.cat([net.beta_normal, net.beta_reduce]).detach() - before
+
+    small, large = beta_step(0.1), beta_step(1.0)
+    assert small == pytest.approx(torch.full((8,), 0.5 * 0.1 * 0.5 / 4), rel=1e-5)
+    assert large == pytest.approx(10 * small, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["entrannas", "dst"])

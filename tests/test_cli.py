@@ -28,7 +28,10 @@ def no_model(monkeypatch):
 BAD = [
     (["--set", "colour=red"], "colour = 'red': unknown setting; allowed: mode, dataset"),
     (["--set", "lamda=0.1"], "lamda = 0.1: unknown setting; did you mean 'lambda_'? allowed: mode, dataset"),
-    (["--set", "mode=enas"], "mode = 'enas': allowed: darts, entrannas, dst"),
+    (["--set", "mode=enas"], "mode = 'enas': allowed: darts, entrannas, dst, random"),
+    (["--set", "settle_epochs=10"], "settle_epochs = 10: must be less than epochs (10)"),
+    (["--set", "settle_epochs=-1"], "settle_epochs = -1: must be an integer >= 0"),
+    (["--set", "beta_lr=-1"], "beta_lr = -1.0: must be >= 0"),
     (["--set", "placement=middle"], "placement = 'middle': allowed: first, last, all"),
     (["--set", "placement=[0, 9]"], "placement = [0, 9]: cell index 9 is not in 0..4"),
     (["--set", "tau_schedule=step"], "tau_schedule = 'step': allowed: constant, linear, exponential, cosine"),
@@ -188,7 +191,9 @@ def test_evaluate_reports_the_last_and_the_best_epochs_test_error(tmp_path, caps
     args = ["evaluate", "--genotype", "DARTS_V2", "--set", "epochs=3", *FAST, "--out", str(tmp_path / "eval")]
     assert main(args) == 0
     result = json.loads((tmp_path / "eval" / "result.json").read_text())
-    assert (result["test_error"], result["best_test_error"], result["epochs"], result["seconds"]) == (0.3, 0.2, 3, 1.5)
+    # the last epoch's test error, and no best-over-epochs figure: that would select on the test set
+    assert (result["test_error"], result["epochs"], result["seconds"]) == (0.3, 3, 1.5)
+    assert not any("best" in key for key in result)
     # the same directory again without --resume is refused, and nothing is lost
     before = (tmp_path / "eval" / "history.jsonl").read_text()
     assert main(args) == 2
@@ -240,3 +245,12 @@ def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
         run.prepare({**config, "transit": "masked"}, resume=True, defaults=defaults)
     with pytest.raises(RunDirError, match="transit: None -> 'sparse'"):
         run.prepare(config, resume=True)                                    # without the defaults
+
+
+def test_a_random_mode_search_writes_the_seeds_genotype(tmp_path, capsys):
+    """``--set mode=random``: a genotype drawn by the seed, no training; same seed, same file."""
+    files = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        assert main(["search", "--set", "mode=random", "--set", f"seed={seed}", "--out", str(tmp_path / name)]) == 0
+        files.append((tmp_path / name / "genotype.json").read_text())
+    assert files[0] == files[1] != files[2]

@@ -320,7 +320,7 @@ def test_auto_transit_follows_the_sparse_search_while_the_structure_churns(mode)
     sparse, auto = tiny_net(seed=0, mode=mode).double(), tiny_net(seed=0, mode=mode, transit="auto").double()
     auto.compiled = CapturedStructures(auto.run_structure, auto, after=2, capture=record_as_is)
     auto.device_masks = mock.Mock(wraps=auto.device_masks)   # counts the derivations on the device
-    opts = [BilevelOptimizer(net, tiny_config(mode=mode, arch_lr=0.05, transit=net.spec.transit))
+    opts = [BilevelOptimizer(net, tiny_config(mode=mode, arch_lr=0.05, beta_lr=5.0, transit=net.spec.transit))
             for net in (sparse, auto)]
     derived = set()
     for step in range(8):

@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -8,25 +6,7 @@ from entrannas.config import EvalConfig
 from entrannas.data import (TensorBatches, build_eval_data, build_search_data, cutout, load_arrays,
                             load_digits_arrays, random_crop_flip, split_per_class)
 
-from conftest import tiny_config
-
-
-def write_cifar(root, name: str, n_per_batch: int = 10):
-    """A small copy of torchvision's on-disk CIFAR format, written here (no download)."""
-    rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder = root / "cifar-10-batches-py"
-        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-        key, classes = "labels", 10
-    else:
-        folder = root / "cifar-100-python"
-        files, key, classes = ["train", "test"], "fine_labels", 100
-    folder.mkdir(parents=True)
-    for f in files:
-        entry = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 key: rng.integers(0, classes, n_per_batch).tolist()}
-        with open(folder / f, "wb") as fh:
-            pickle.dump(entry, fh)
+from conftest import tiny_config, write_cifar
 
 
 @pytest.mark.parametrize("name, n_train", [("cifar10", 50), ("cifar100", 10)])
@@ -167,3 +147,13 @@ def test_cutout_zeroes_a_square_clipped_at_the_border():
     expected[0, :, 0:3, 3:7] = 0
     expected[1, :, 4:8, 0:4] = 0
     assert torch.equal(out, expected)
+
+
+def test_noisy_digits_are_the_digits_with_fixed_pixel_noise():
+    from entrannas.data import DIGITS_NOISE, load_arrays
+    (x, y), (xt, yt) = load_arrays("digits")
+    (nx, ny), (nxt, nyt) = load_arrays("noisy_digits")
+    assert torch.equal(y, ny) and torch.equal(yt, nyt)
+    noise = torch.cat([nx - x, nxt - xt])
+    assert noise.std().item() == pytest.approx(DIGITS_NOISE, rel=0.02) and abs(noise.mean().item()) < 0.02
+    assert torch.equal(load_arrays("noisy_digits")[0][0], nx)   # the same noise in every run

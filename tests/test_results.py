@@ -14,7 +14,7 @@ from entrannas.zoo import ZOO
 from results import plots, report
 from results.collect import NotAnExperiment, genotype_summary, load
 from results.report import write_report
-from results.tables import display_table, levels, mixed_unset, summarize, to_latex, to_markdown
+from results.tables import VALUES, display_table, levels, mixed_unset, summarize, to_latex, to_markdown
 
 
 def frame(rows):
@@ -266,7 +266,14 @@ def test_a_search_directory_reads_as_one_trial_and_its_epochs(tmp_path):
     assert (trial["status"], trial["mode"], trial["seed"], trial["epochs_done"]) == ("running", "dst", 4, 2)
     assert trial["valid_error"] == pytest.approx(0.25) and trial["search_seconds"] == 4.0
     # DARTS_V2 on CIFAR-10 has 3,349,342 parameters; 90 more classes add 576 x 90 weights and 90 biases
-    assert trial["params_m"] == pytest.approx((3_349_342 + 576 * 90 + 90) / 1e6, abs=1e-9)
+    assert trial["standard_params_m"] == pytest.approx((3_349_342 + 576 * 90 + 90) / 1e6, abs=1e-9)
+    # no evaluation trained a network: no cost of one, and no standard cost under its name
+    assert pd.isna(trial["params_m"]) and pd.isna(trial["multiply_adds_m"])
+    # how far the last epoch's error is above the best epoch's (0.25 against 0.25: none)
+    assert trial["valid_error_rise"] == pytest.approx(0.0)
+    (run / "history.jsonl").write_text(epoch(0, 0.9) + epoch(1, 0.75))
+    assert load([run], with_cost=False)[0]["valid_error_rise"][0] == pytest.approx(0.15)
+    (run / "history.jsonl").write_text(epoch(0, 0.6) + epoch(1, 0.75))
     assert list(epochs["threshold_normal"]) == pytest.approx([0.25, 0.25])
     assert list(epochs["threshold_reduce"]) == pytest.approx([0.55, 0.55])
     assert list(epochs["kept_total"]) == [15, 15]
@@ -359,7 +366,7 @@ def test_report_from_a_real_sweep_with_failed_and_diverged_trials(tmp_path):
     assert by_seed_lr[(9, "nan")] == "failed" and by_seed_lr[(2, "1e+30")] == "diverged"
     assert sorted(trials["status"]) == ["diverged", "done", "done", "done", "done", "failed"]
     assert "seed 9 is cursed" in trials.loc[trials["status"] == "failed", "error"].iloc[0]
-    assert trials["params_m"].dropna().gt(0).all() and trials["multiply_adds_m"].dropna().gt(0).all()
+    assert trials["standard_params_m"].dropna().gt(0).all() and trials["standard_multiply_adds_m"].dropna().gt(0).all()
     assert json.loads(trials.loc[trials["status"] == "done", "genotype"].iloc[0])["normal"]
     mode_table = pd.read_csv(out / "tables" / "mode.csv")
     assert mode_table.set_index("mode").loc["dst", "n_trials"] == 4
@@ -399,3 +406,20 @@ def test_the_sweep_summary_and_the_report_share_one_status_rule():
     summarize(results, out=lines.append)
     assert [line.split()[0] for line in lines] == ["done", "diverged", "failed", "running"]
     assert "error 0.2500" in lines[0] and "lambda_=0.1" in lines[0]
+
+
+def test_a_trials_cost_is_the_network_its_evaluation_trained_and_the_standard_one_is_labelled(tmp_path):
+    """params_m / multiply_adds_m: what the evaluation trained (its own size and dataset), reported
+    by the trial; the DARTS standard network's cost goes in standard_* columns of its own."""
+    path = tmp_path / "e"
+    trial = path / "t0"
+    trial.mkdir(parents=True)
+    (path / "sweep.yaml").write_text(json.dumps({"name": "e", "base": {"dataset": "digits"}}))
+    (trial / "params.json").write_text(json.dumps({"trial": {"point": {"seed": 0}}}))
+    (trial / "result.json").write_text(json.dumps(
+        {"stage": "evaluate", "done": True, "eval_test_error": 0.1, "eval_params_m": 0.19,
+         "eval_multiply_adds_m": 4.5, "genotype": json.dumps(ZOO["DARTS_V2"].to_dict())}))
+    row = load([path])[0].iloc[0]
+    assert (row["params_m"], row["multiply_adds_m"]) == (0.19, 4.5)
+    assert row["standard_params_m"] == pytest.approx(3.349342)
+    assert "params, evaluated net (M)" in VALUES["params_m"][0] and "standard" in VALUES["standard_params_m"][0]

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from entrannas.compiled import CapturedStructures
-from entrannas.search import Search, SearchDiverged
+from entrannas.genotype import Genotype
+from entrannas.search import RandomSearch, Search, SearchDiverged, genotype_stability, search_job
+from entrannas.zoo import ZOO
 
 from conftest import cosine_lrs, loss_and_accuracy_by_hand, record_as_is, tiny_config, untimed
 
@@ -43,16 +45,17 @@ def test_records_carry_what_spec_6_lists():
 
 
 def test_an_epoch_reports_the_seconds_its_validation_pass_took(monkeypatch):
-    """``valid_seconds``: the share of the epoch's ``seconds`` spent in ``Search.evaluate``."""
+    """``valid_seconds``: the share of the epoch's ``seconds`` spent in ``Search.evaluate`` (the
+    super-net's pass and the derived network's)."""
     evaluate = Search.evaluate
 
-    def slow_evaluate(self):
+    def slow_evaluate(self, derived=False):
         time.sleep(0.3)
-        return evaluate(self)
+        return evaluate(self, derived)
 
     monkeypatch.setattr(Search, "evaluate", slow_evaluate)
     record = Search(small(mode="entrannas", epochs=1, subset_fraction=0.1)).run_epoch()
-    assert 0.3 <= record["valid_seconds"] < record["seconds"]   # less: the training steps came first
+    assert 0.6 <= record["valid_seconds"] < record["seconds"]   # less: the training steps came first
 
 
 def test_each_epoch_reports_its_lr_and_the_super_nets_figures_on_the_arch_half():
@@ -143,3 +146,61 @@ def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
     assert records[0] == records[1] == records[2]
     built = record["compile"]
     assert built["fallback_calls"] > 0 and built["compiles"] >= 1
+
+
+def test_tau_anneals_before_the_settling_epochs_which_freeze_the_architecture():
+    """tau goes from tau_start to tau_end over the epochs before the settling ones; those keep
+    tau_end, make no arch step and so derive one genotype, while the weights train on it."""
+    search = Search(small(mode="dst", epochs=5, arch_warmup_epochs=1, settle_epochs=2, tau_end=0.2))
+    records, arch = [], []
+    for record in search.run():
+        records.append(record)
+        arch.append([p.detach().clone() for p in search.model.arch_parameters()])
+    assert [r["tau"] for r in records] == pytest.approx([1.0, 0.6, 0.2, 0.2, 0.2])
+    assert [r["arch_updated"] for r in records] == [False, True, True, False, False]
+    assert all(torch.equal(a, b) for a, b in zip(arch[2], arch[4]))
+    assert records[2]["genotype"] == records[3]["genotype"] == records[4]["genotype"]
+    assert [r["genotype_stability"] for r in records[3:]] == [1.0, 1.0] and records[0]["genotype_stability"] is None
+    assert records[4]["lr"] > 0 and records[4]["train_loss"] < records[2]["train_loss"] * 2
+
+
+def test_the_last_fifth_of_the_epochs_settle_unless_set():
+    assert [tiny_config(epochs=e).settle_epochs for e in (1, 4, 5, 10, 50)] == [0, 0, 1, 2, 10]
+    assert tiny_config(epochs=10, settle_epochs=0).settle_epochs == 0
+
+
+def test_genotype_stability_is_the_share_of_choices_kept():
+    a = ZOO["DARTS_V2"]
+    d = a.to_dict()
+    d["normal"][0] = [["sep_conv_5x5", 0], ["sep_conv_3x3", 1]]   # one of 16 choices changed
+    b = Genotype.from_dict(d)
+    assert genotype_stability(a, a) == 1.0
+    assert genotype_stability(a, b) == pytest.approx(15 / 17)      # 15 shared of 17 in either
+    d["normal"][0] = d["normal"][0] + [["skip_connect", 1]]         # DST: one more input kept
+    assert genotype_stability(b, Genotype.from_dict(d)) == pytest.approx(16 / 17)
+
+
+def test_an_epoch_reports_the_derived_networks_accuracy_beside_the_super_nets():
+    """``derived_valid_acc``: the architecture split through ``derived_forward`` (every cell a
+    Transit-cell), and ``supernet_gap`` the super-net's accuracy minus it."""
+    search = Search(small(mode="entrannas", epochs=2))
+    record = search.run_epoch()
+    search.data.valid.set_epoch(0)
+    search.model.eval()
+    _, acc, _ = loss_and_accuracy_by_hand(search.model.derived_forward, search.data.valid)
+    assert record["derived_valid_acc"] == pytest.approx(acc)
+    assert record["supernet_gap"] == pytest.approx(record["valid_acc"] - acc)
+
+
+def test_random_mode_draws_a_top2_genotype_by_the_seed_and_trains_nothing():
+    genotypes = [search_job(tiny_config(mode="random", seed=s, epochs=7)).genotype() for s in (0, 0, 1)]
+    assert genotypes[0] == genotypes[1] != genotypes[2]
+    for cell in (genotypes[0].normal, genotypes[0].reduce):
+        for node in cell:
+            assert len(node) == 2 and len({i for _, i in node}) == 2
+            assert all(op != "none" for op, _ in node)
+    job = search_job(tiny_config(mode="random", seed=3, epochs=7))
+    assert isinstance(job, RandomSearch) and job.config.epochs == 1
+    records = list(job.run())
+    assert len(records) == 1 and records[0]["genotype"] == job.genotype().to_dict()
+    assert "valid_acc" not in records[0]

@@ -9,6 +9,8 @@ import orchestrator.sweep
 from entrannas.cli import main
 from orchestrator.spec import SpecError, spec_from_dict
 
+from conftest import write_cifar
+
 ABLATIONS = Path(__file__).resolve().parents[1] / "ablations"
 
 
@@ -66,7 +68,7 @@ BAD = [
     (spec(base={"colour": "red"}), "base.colour = 'red': unknown search setting"),
     (spec(sweep={"lamda": [0.1]}), "sweep.lamda = [0.1]: unknown search setting; did you mean 'lambda_'? allowed:"),
     (spec(sweep={"seed": []}), "sweep.seed = []: empty axis"),
-    (spec(sweep={"mode": ["dst", "enas"]}), "mode = 'enas': allowed: darts, entrannas, dst (trial mode=enas)"),
+    (spec(sweep={"mode": ["dst", "enas"]}), "mode = 'enas': allowed: darts, entrannas, dst, random (trial mode=enas)"),
     (spec(sweep={"lambda_": [0.1, -1.0]}), "lambda_ = -1.0: must be >= 0 (trial lambda_=-1.0)"),
     (spec(base={"dataset": "digits", "bottleneck_ratio": 3}), "base.bottleneck_ratio = 3: must divide"),
     (spec(sweep={"placement": [[0, 2]]}), "placement = [0, 2]: has no reduction Engine-cell"),
@@ -126,7 +128,8 @@ def test_shipped_specs_are_valid_and_say_what_they_answer(path, tmp_path):
     text = path.read_text()
     assert text.lstrip().startswith("#"), "each spec opens with a comment saying what question it answers"
     data = yaml.safe_load(text)
-    if data["base"].get("data_dir"):   # CIFAR specs: point data_dir at an existing directory
+    if data["base"].get("data_dir"):   # CIFAR specs: point data_dir at a small copy in CIFAR's layout
+        write_cifar(tmp_path, data["base"]["dataset"])
         data["base"]["data_dir"] = str(tmp_path)
     s = spec_from_dict(data)
     assert s.points()

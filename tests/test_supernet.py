@@ -572,3 +572,24 @@ def test_op_streams_fork_before_and_join_after_the_ops_of_each_source(monkeypatc
         assert [e[1] for e in log[start + 2:start + 9]] == ["main", "s1", "s2", "main", "s1", "s2", "main"]
         assert log[start + 9:start + 11] == [("wait", "main", "s1"), ("wait", "main", "s2")]
     assert current == [main]
+
+
+@pytest.mark.parametrize("mode", ["entrannas", "dst"])
+def test_derived_forward_runs_every_cell_as_a_transit_cell(mode):
+    """``derived_forward``: the derived architecture with the super-net's weights, the
+    Engine-cells run as Transit-cells too (Eq. 3). A copy whose cells are all Transit-cells
+    computes it; the super-net itself differs where its Engine-cells mix more than that."""
+    import copy
+
+    net = tiny_net(mode=mode).eval()
+    net.set_architecture(ZOO["DARTS_V2"])
+    x = tiny_batch(0)[0]
+    transit = copy.deepcopy(net)
+    for cell in transit.cells:
+        cell.engine = False
+    with torch.no_grad():
+        assert torch.equal(net.derived_forward(x), transit(x))
+        if mode == "dst":   # one op per kept edge: q_hat is 1 there, 0 elsewhere, so no gap
+            assert torch.allclose(net(x), net.derived_forward(x), atol=1e-6)
+        else:               # the Engine-cells' edges that top-2 drops still add their mixtures
+            assert not torch.allclose(net(x), net.derived_forward(x), atol=1e-3)
