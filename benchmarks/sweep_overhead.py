@@ -20,19 +20,19 @@ import torch
 
 
 def back_to_back(spec) -> float:
-    from entrannas.search import Search
+    from entrannas.search import search_job
     from entrannas.train import Evaluation
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     for point in spec.points():
         config = spec.search_config(point)
-        search = Search(config)
+        search = search_job(config)
         for _ in search.run():
             pass
         evaluation_config = spec.eval_config(config)
         if evaluation_config is not None:
-            for _ in Evaluation(search.model.genotype(), evaluation_config).run():
+            for _ in Evaluation(search.genotype(), evaluation_config).run():
                 pass
     return time.perf_counter() - start
 

@@ -1,4 +1,4 @@
-"""Bi-level optimisation (SPEC 6): weights on the training half, alpha/beta on the other half.
+"""Bi-level optimisation (docs/method.md, Bi-level optimisation): weights on the training half, alpha/beta on the other half.
 
 ``step(train_batch, valid_batch, update_arch)`` does one architecture step on the validation batch
 (first-order by default, or DARTS' unrolled second-order step) and one weight step on the training
@@ -61,7 +61,7 @@ class BilevelOptimizer:
     def autocast(self, x: torch.Tensor):
         """bf16 autocast for forward passes when ``precision: bf16`` (losses stay fp32).
 
-        Without autocast's weight cache: recording CUDA graphs (``compile: capture``) refuses it, and a
+        Without autocast's weight cache: recording CUDA graphs (``cuda_graphs``) refuses it, and a
         super-net pass casts each weight once anyway."""
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16,
                               cache_enabled=False)
@@ -109,16 +109,15 @@ class BilevelOptimizer:
             loss.backward()
         for opt in self.arch_optimizers():
             opt.step()
-        self.model.arch_changed()
+        self.model.derive()   # the architecture the next passes run
         return loss.detach()
 
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_batch
-        # None, not zeros: a recorded pass's gradients are its buffers (capture_cuda_graphs)
+        # None, not zeros: a recorded pass's gradients are its buffers (cuda_graphs.capture_cuda_graphs)
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.weight_loss(x, y)
         loss.backward()
-        self.model.drop_unused_gradients()   # masked Transit-cells: as if the sparse path had run
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip, foreach=True)
         self.w_optimizer.step()

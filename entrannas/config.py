@@ -8,9 +8,7 @@ config is what runs and what is saved beside every result.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,7 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .compiled import CAPTURE, COMPILE_MODES, DEFAULT_CAPACITY, compile_backends, default_after
+from .settings import (PATH_SETTINGS, ConfigError, YamlLoader, absolute_path, did_you_mean,  # noqa: F401
+                       parse_overrides, read_yaml, unknown_setting, yaml_error)
 from .ops import DARTS_PRIMITIVES, OPS
 from .temperature import SCHEDULES
 
@@ -26,7 +25,6 @@ MODES = ("darts", "entrannas", "dst", "random")
 DATASETS = ("digits", "noisy_digits", "synthetic", "cifar10", "cifar100", "imagenet")
 PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
-TRANSITS = ("sparse", "masked", "auto")
 
 
 #: Training images and classes of the in-memory datasets (CIFAR as torchvision ships it).
@@ -38,56 +36,6 @@ CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 SETTLE_EPOCHS_PER = 5
 
 
-class YamlLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` with YAML 1.2's booleans: only true and false are booleans. PyYAML follows
-    YAML 1.1, where an unquoted on, off, yes, no, y or n is one too, so ``compile: off`` would read as
-    ``False`` and ``mode: n`` as ``False``; here they stay the strings that were written."""
-
-
-YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
-
-
-def yaml_error(path: os.PathLike, error: yaml.YAMLError) -> str:
-    """A YAML syntax error in one line: file, line and column, and what is wrong."""
-    mark = getattr(error, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    return f"{where}: not valid YAML: {problem}"
-
-
-def read_yaml(text: str) -> Any:
-    """Every YAML the project reads (configs, sweep specs, ``--set`` values, saved runs) goes through here."""
-    return yaml.load(text, Loader=YamlLoader)
-
-
-class ConfigError(ValueError):
-    """A configuration value that is not allowed: names the field, the value and what is allowed."""
-
-    def __init__(self, field: str, value: Any, allowed: str):
-        self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field} = {value!r}: {allowed}")
-
-    def __reduce__(self):
-        # Pickled with its own arguments, so that it crosses to a Ray driver intact.
-        return type(self), (self.field, self.value, self.allowed)
-
-
-def did_you_mean(key, known) -> str:
-    """"did you mean 'lambda_'? " where one of ``known`` is close to a misspelt ``key``, else ''."""
-    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
-def unknown_setting(key: str, known, what: str = "setting") -> str:
-    """'unknown setting; allowed: ...', asking first about a close known name (``lamda`` and
-    ``lambda`` about ``lambda_``). ``known`` in the order to list."""
-    return f"unknown {what}; {did_you_mean(key, known)}allowed: {', '.join(known)}"
-
-
 def check_device_support(config: "SearchConfig", device) -> None:
     """Refuse settings that a device is known to compute wrongly, before any data or model exists.
 
@@ -96,9 +44,8 @@ def check_device_support(config: "SearchConfig", device) -> None:
     if config.op_streams > 1 and device.type != "cuda":
         raise ConfigError("op_streams", config.op_streams,
                           f"more than 1 needs a CUDA device; this job runs on {device}")
-    if config.compile == CAPTURE and device.type != "cuda":
-        raise ConfigError("compile", config.compile,
-                          f"records CUDA graphs, so it needs a CUDA device; this job runs on {device}")
+    if config.cuda_graphs and device.type != "cuda":
+        raise ConfigError("cuda_graphs", True, f"records CUDA graphs, so it needs a CUDA device; this job runs on {device}")
     if device.type == "cpu" and config.precision == "bf16" and config.channels_last:
         # Measured with torch 2.14.1: a bf16 channels_last depthwise 5x5 conv with dilation 2 on 4
         # channels (dil_conv_5x5 after the bottleneck) gets NaN weight gradients at 32x32 inputs.
@@ -222,15 +169,8 @@ class SearchConfig(FlatConfig):
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"             # fp32 | bf16 (autocast for the forward passes)
     channels_last: bool = False         # NHWC memory format for the model and its inputs
-    transit: str = "sparse"             # sparse: a Transit-cell runs its derived ops only; masked: every op,
-    #                                     weighted by the 0/1 derived mask (one structure: see supernet);
-    #                                     auto (with compile): masked until a derived structure is built
-    compile: str = "off"                # off | capture (CUDA graphs, no torch.compile) | default |
-    #                                     reduce-overhead (CUDA graphs) | max-autotune | ... (torch.compile modes)
-    compile_backend: str = "inductor"   # a torch.compile backend; aot_eager traces without generating code
-    compile_after: Optional[int] = None  # steps in a row at one structure before it is built (compiled.py;
-    #                                      default 400 for torch.compile, 3 for capture)
-    compile_cache: int = DEFAULT_CAPACITY   # most derived structures built (capture: most recently used kept)
+    cuda_graphs: bool = False           # record each hot derived architecture's passes as CUDA graphs
+    #                                     (CUDA only, first-order only; entrannas.cuda_graphs)
     op_streams: int = 1                 # CUDA streams a cell spreads the candidate ops of one source over
     #                                     (1: the current stream only; see supernet.OpStreams)
 
@@ -238,15 +178,14 @@ class SearchConfig(FlatConfig):
     def resolve(self) -> "SearchConfig":
         """Fill the ``None`` fields from the dataset and mode defaults, then validate everything."""
         self._check_choices()
-        resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode],
-                               "compile_after": default_after(self.compile)})
+        resolved = self._fill({**DATASET_DEFAULTS[self.dataset], **MODE_DEFAULTS[self.mode]})
         if resolved.settle_epochs is None:
             resolved = dataclasses.replace(resolved, settle_epochs=resolved.epochs // SETTLE_EPOCHS_PER)
         if self.mode == "random":
             # Nothing is trained: the genotype is drawn once, so the run is one epoch long.
             resolved = dataclasses.replace(resolved, epochs=1, arch_warmup_epochs=0, settle_epochs=0)
         if self.mode == "dst" and "none" in resolved.primitives:
-            # In DST sparsity is learned by the thresholds, so 'none' is no candidate (SPEC 4).
+            # In DST sparsity is learned by the thresholds, so 'none' is no candidate (Sec. 2.4).
             resolved = dataclasses.replace(
                 resolved, primitives=tuple(p for p in resolved.primitives if p != "none"))
         resolved.validate()
@@ -262,7 +201,7 @@ class SearchConfig(FlatConfig):
         """Check a resolved config; raises ``ConfigError`` on the first bad field."""
         self._check_choices()
         self._check(positive_ints=("epochs", "batch_size", "layers", "init_channels", "nodes", "bottleneck_ratio",
-                                   "compile_after", "compile_cache", "op_streams"),
+                                   "op_streams"),
                     nonneg_ints=("seed", "arch_warmup_epochs", "settle_epochs", "num_workers"),
                     nonneg=("lambda_", "beta_lr", "lr_min", "weight_decay", "arch_weight_decay", "grad_clip"),
                     positive=("lr", "arch_lr", "tau_start", "tau_end"),
@@ -280,12 +219,12 @@ class SearchConfig(FlatConfig):
             raise ConfigError("tau_schedule", self.tau_schedule, f"allowed: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
-        if self.transit not in TRANSITS:
-            raise ConfigError("transit", self.transit, f"allowed: {', '.join(TRANSITS)}")
         self._check_primitives()
         self._check_placement()
         self._check_bottleneck()
-        self._check_compile()
+        if self.cuda_graphs and self.unrolled:
+            raise ConfigError("cuda_graphs", True, "records the first-order step's passes; the unrolled step "
+                              "(unrolled: true) runs the net on virtual weights that recorded graphs would not read")
 
     def _check_split_sizes(self) -> None:
         """The weights' and the architecture's share of an in-memory training set must each hold at
@@ -323,28 +262,6 @@ class SearchConfig(FlatConfig):
             raise ConfigError("placement", _show(self.placement),
                               f"has no normal Engine-cell, so alpha_normal would get no gradient; "
                               f"normal cells are {sorted(set(range(self.layers)) - reductions)}")
-
-    def _check_compile(self) -> None:
-        if self.compile not in COMPILE_MODES + (CAPTURE,):
-            raise ConfigError("compile", self.compile, f"allowed: {', '.join(COMPILE_MODES + (CAPTURE,))}")
-        if self.compile == CAPTURE and self.unrolled:
-            raise ConfigError("compile", self.compile,
-                              "records the first-order step's passes; the unrolled step (unrolled: true) runs "
-                              "the net on virtual weights that recorded graphs would not read; use another "
-                              "compile setting or unrolled: false")
-        if self.compile in ("off", CAPTURE):
-            return
-        if self.op_streams > 1:
-            raise ConfigError("op_streams", self.op_streams,
-                              f"more than 1 runs with compile: off or capture, not with torch.compile "
-                              f"(compile: {self.compile})")
-        backends = compile_backends()
-        if self.compile_backend not in backends:
-            raise ConfigError("compile_backend", self.compile_backend, f"allowed: {', '.join(backends)}")
-        if self.compile_backend != "inductor" and self.compile != "default":
-            raise ConfigError("compile", self.compile,
-                              f"compile_backend {self.compile_backend!r} takes only compile: default "
-                              "(the other modes are inductor's)")
 
     def _check_bottleneck(self) -> None:
         for index, channels in enumerate(self.cell_channels()):
@@ -397,7 +314,7 @@ def _show(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-# Defaults per dataset (SPEC 6 for CIFAR, from PC-DARTS; the small ones are our choice, sized so
+# Defaults per dataset (CIFAR: PC-DARTS' large-batch settings; the small ones are our choice, sized so
 # that a digits search runs an epoch in seconds on two CPU cores).
 _CIFAR = dict(epochs=50, batch_size=256, layers=8, init_channels=16, lr=0.1, arch_lr=6e-4,
               arch_warmup_epochs=15, beta_lr=0.025, train_portion=0.5, subset_fraction=1.0)
@@ -432,7 +349,7 @@ LR_SCHEDULES = ("cosine", "step")
 
 @dataclass(frozen=True)
 class EvalConfig(FlatConfig):
-    """Every setting of one evaluation: a genotype trained from scratch (SPEC 8).
+    """Every setting of one evaluation: a genotype trained from scratch (DARTS' recipes).
 
     ``None`` means "the standard recipe for this dataset": DARTS' CIFAR and ImageNet (mobile)
     settings, or a small network for digits. Any value can be overridden for a proxy evaluation."""
@@ -499,16 +416,6 @@ EVAL_DEFAULTS["noisy_digits"] = EVAL_DEFAULTS["digits"]
 
 
 # -- coercion of YAML / --set values -----------------------------------------------------------
-#: Settings that name a path: made absolute when read (against the directory the user runs from),
-#: so that a run started elsewhere (a Ray trial in its own directory) finds the same files.
-PATH_SETTINGS = ("data_dir",)
-
-
-def absolute_path(value: Any) -> Any:
-    """A path setting's value made absolute (other values as they are)."""
-    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
-
-
 def _coerce(cls: type, name: str, value: Any) -> Any:
     hint = typing.get_type_hints(cls)[name]
     if value is None:
@@ -560,17 +467,6 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             return value
         raise ConfigError(name, value, "must be a string")
     return value
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` from ``--set``; values are read as YAML (numbers, lists, booleans)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError("--set", pair, "expected key=value")
-        key, raw = pair.split("=", 1)
-        out[key.strip()] = read_yaml(raw) if raw.strip() else None
-    return out
 
 
 def load_config(path: Optional[os.PathLike] = None, overrides: Optional[list[str]] = None,

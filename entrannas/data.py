@@ -224,7 +224,7 @@ class SearchData:
 
 
 def build_search_data(config, device: torch.device) -> SearchData:
-    """The search split (SPEC 6): the training set halved (``train_portion``), weights / arch."""
+    """The search split (bi-level, docs/method.md): the training set halved (``train_portion``), weights / arch."""
     info = DATA_INFO[config.dataset]
     if config.dataset == "imagenet":
         return _imagenet_search_data(config, info)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .genotype import GenotypeError, genotype_masks
 
 #: Thresholds are capped just below 1 (our choice): in float32 sigmoid(beta) rounds to exactly 1
-#: for beta > ~17, which would prune a node's strongest input, against SPEC 4 step 5.
+#: for beta > ~17, which would prune a node's strongest input, against Eq. 8's guarantee that every node keeps one.
 MAX_THRESHOLD = 1.0 - 1e-6
 
 
@@ -71,7 +71,7 @@ def edge_log_softmax(alpha: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def dst_coefficients(alpha: torch.Tensor, beta: torch.Tensor, tau: float, n_inputs: int = 2) -> torch.Tensor:
-    """EnTranNAS-DST coefficients q_hat ``[E, K]`` (SPEC 4, Eqs. 5, 7, 8, 9); differentiable.
+    """EnTranNAS-DST coefficients q_hat ``[E, K]`` (Eqs. 5, 7, 8, 9); differentiable.
 
     alpha: ``[E, K]`` logits, beta: ``[N]`` threshold logits, one per intermediate node.
     """
@@ -117,7 +117,7 @@ def top2_mask(weights: torch.Tensor, primitives: Sequence[str], n_inputs: int = 
     # strongest first, and the block of node j has the length of its inputs, as in the edge layout.
     # Its first k then sit where the layout has the edges from sources 0..k-1. Stable sorts, not
     # topk: equal scores go to the lower edge index on every device, so a mask derived on the GPU
-    # (masked Transit-cells) equals the one derived on the host.
+    # equals the one derived on the host.
     node_of_edge = _node_of_edge(n_nodes, n_inputs, weights.device)
     order = torch.sort(edge_score, descending=True, stable=True).indices
     order = order[torch.sort(node_of_edge[order], stable=True).indices]

@@ -1,4 +1,4 @@
-"""Evaluation networks built from any genotype (SPEC 8): the DARTS CIFAR and ImageNet networks,
+"""Evaluation networks built from any genotype: the DARTS CIFAR and ImageNet networks,
 with node sums over any number of (op, input) pairs and any subset of nodes concatenated.
 
 Layer for layer the DARTS evaluation code, so a published genotype has the same parameter count.

@@ -152,16 +152,10 @@ def _nchw_strides(shape: torch.Size) -> tuple[int, ...]:
 
 class AvgPool(nn.AvgPool2d):
     """``nn.AvgPool2d`` that pools a channels_last input in NCHW where the device's channels_last
-    backward kernel is wrong (``pool_grad_is_wrong``), and gives the result back in channels_last:
-    two copies of a small tensor each way, and the gradients of PyTorch's NCHW kernel. Session 8's
-    channels_last search on an H200 (torch 2.11) got its gradients from the wrong kernel: a
-    weight-gradient cosine of 0.77 against NCHW, which imitating that kernel on the CPU reproduces
-    (``benchmarks/pool_grad_bug.py``, BENCHMARKS.md).
-
-    The kernel picks its layout from the strides, so every input without NCHW's own strides goes
-    round: a one-channel tensor in channels_last is contiguous too (``is_contiguous`` ignores the
-    stride of a dimension of size 1), and session 34's H200 run found the wrong kernel reached
-    through such inputs (the tests' tiny net: one channel after its bottleneck)."""
+    backward kernel is wrong (``pool_grad_is_wrong``; CUDA up to torch 2.11, pytorch/pytorch#188344),
+    and gives the result back in channels_last. The kernel picks its layout from the strides, so
+    every input without NCHW's own strides goes round, a one-channel channels_last tensor too
+    (``is_contiguous`` ignores the stride of a dimension of size 1)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding and x.stride() != _nchw_strides(x.shape) and pool_grad_is_wrong(x.device):

@@ -31,7 +31,7 @@ class SearchDiverged(RuntimeError):
 
 
 class Search(EpochJob):
-    """One architecture search. ``run()`` yields a record per epoch (SPEC 6)."""
+    """One architecture search. ``run()`` yields a record per epoch (docs/method.md)."""
 
     def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
         config = config.resolve()   # idempotent: fills any unset default, validates
@@ -44,8 +44,7 @@ class Search(EpochJob):
         info = self.data.info
         spec = SupernetSpec.from_config(config, info.num_classes, info.in_channels, info.stem)
         self.model = SearchNetwork(spec).to(self.device)
-        self.model.compile_structures(config.compile, config.compile_backend, config.compile_after,
-                                      config.compile_cache)
+        self.model.use_cuda_graphs(config.cuda_graphs)
         self.optimizer = BilevelOptimizer(self.model, config)
         self.epoch = 0
         self.last_genotype: Optional[Genotype] = None   # the previous epoch's, for genotype_stability
@@ -64,10 +63,10 @@ class Search(EpochJob):
 
     def run_epoch(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict:
         """Train one epoch, then evaluate the super-net on the architecture split."""
-        c, model = self.config, self.model
+        model = self.model
         start = time.perf_counter()
         derivations = model.derivations
-        compiled = Counter(model.compiled.stats) if model.compiled is not None else None
+        graphs = Counter(model.cuda_graphs.stats) if model.cuda_graphs is not None else None
         reset_peak_memory(self.device)
         model.tau = self.tau
         update_arch = self.updates_arch()
@@ -86,7 +85,7 @@ class Search(EpochJob):
                 out = self.optimizer.step(train_batch, valid_batch, update_arch)
             except DegenerateArchitecture as e:
                 raise SearchDiverged(f"epoch {self.epoch}, step {step}: {e}; lower lr or arch_lr") from None
-            structures.add(model.derived_key)
+            structures.add(model.derived.key)
             n = train_batch[1].shape[0]
             n_train += n
             sums += torch.stack([out["train_loss"] * n, out["train_correct"].float()])
@@ -106,15 +105,11 @@ class Search(EpochJob):
         record["derived_valid_acc"] = derived_acc
         record["supernet_gap"] = valid_acc - derived_acc
         record["valid_seconds"] = end - valid_start   # the validation pass's share of "seconds"
-        # Host syncs to read a derived structure, and compiled/eager passes, in this epoch.
+        # Host syncs to read a derived architecture, and recorded/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
         record["structures"] = len(structures)
-        if compiled is not None:
-            stats = model.compiled.stats
-            record["compile"] = {k: stats[k] - compiled[k]
-                                 for k in ("compiles", "compiled_calls", "eager_calls", "fallback_calls")}
-        else:
-            record["compile"] = None
+        record["cuda_graphs"] = None if graphs is None else {
+            k: model.cuda_graphs.stats[k] - graphs[k] for k in ("captures", "recorded_calls", "eager_calls")}
         self.epoch += 1
         return record
 

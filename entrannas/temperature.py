@@ -1,4 +1,4 @@
-"""Temperature schedules for the Engine-cell softmax (names are our choice; SPEC 2)."""
+"""Temperature schedules for the Engine-cell softmax (names are our choice; the paper anneals tau with the epoch)."""
 
 from __future__ import annotations
 

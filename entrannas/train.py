@@ -1,4 +1,4 @@
-"""Train a genotype from scratch and report its test error (SPEC 8): a generator of epoch records."""
+"""Train a genotype from scratch and report its test error (DARTS' recipes): a generator of epoch records."""
 
 from __future__ import annotations
 

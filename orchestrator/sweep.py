@@ -256,7 +256,7 @@ def failure_cause(result) -> Optional[str]:
 
 def summarize(results, out: Callable[[str], None] = print) -> list[str]:
     """A line per trial (status, error, settings, and the cause of a failure); returns the statuses."""
-    from results.collect import trial_status
+    from entrannas.records import trial_status
 
     statuses = []
     for result in results:

@@ -12,37 +12,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from ray import tune
 
 from entrannas.config import EvalConfig, SearchConfig
-from entrannas.runtime import WHERE_IT_RAN, load_checkpoint
+from entrannas.records import trial_metrics
+from entrannas.rundir import write_text_atomic
+from entrannas.runtime import load_checkpoint
 from entrannas.search import SearchDiverged, search_job
 from entrannas.train import Evaluation, TrainingDiverged
 
 STATE_FILE = "trial.pt"
-
-
-def search_metrics(record: dict) -> dict:
-    """A search epoch record as flat Tune metrics (the genotype as a JSON string). A random-mode
-    record has no losses: those metrics are None."""
-    thresholds = record.get("thresholds") or {}
-    valid_acc = record.get("valid_acc")
-    return {
-        "stage": "search",
-        "epoch": record["epoch"],
-        "seed": record["seed"],
-        **{key: record.get(key) for key in ("tau", "train_loss", "train_acc", "valid_loss", "valid_acc",
-                                            "derived_valid_acc", "supernet_gap", "genotype_stability")},
-        "valid_error": None if valid_acc is None else 1.0 - valid_acc,
-        "genotype": json.dumps(record["genotype"]),
-        "kept_normal": record["kept_connections"]["normal"],
-        "kept_reduce": record["kept_connections"]["reduce"],
-        "thresholds_normal": thresholds.get("normal"),
-        "thresholds_reduce": thresholds.get("reduce"),
-        "search_seconds": record["seconds"],
-        "peak_memory_mb": record.get("peak_memory_mb"),
-        **{key: record.get(key) for key in WHERE_IT_RAN},
-    }
+CONFIG_FILE = "config.yaml"   # the trial's resolved settings, in its directory
 
 
 def _report(metrics: dict, state: dict) -> None:
@@ -62,6 +43,15 @@ def _restore() -> Optional[dict]:
         return load_checkpoint(Path(directory) / STATE_FILE, torch.device("cpu"))
 
 
+def _save_config(search_config: SearchConfig, eval_config: Optional[EvalConfig]) -> None:
+    """The trial's resolved settings beside its results (``config.yaml`` in its directory), so that a
+    report reads what ran instead of stating the defaults again."""
+    resolved = {"search": search_config.to_dict(), "evaluate": eval_config.to_dict() if eval_config else None}
+    trial_dir = tune.get_context().get_trial_dir()
+    if trial_dir:
+        write_text_atomic(Path(trial_dir) / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+
+
 def search_trial(config: dict) -> None:
     """Search with ``base`` + ``point`` settings; then, if ``evaluate`` is set, train the final
     genotype from scratch and report its test error into the same trial."""
@@ -71,6 +61,7 @@ def search_trial(config: dict) -> None:
     cpus = config.get("cpus_per_trial")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
+    _save_config(search_config, eval_config)
     state = _restore()
     search_seconds = 0.0
     last: dict = {}
@@ -82,7 +73,7 @@ def search_trial(config: dict) -> None:
         try:
             for record in search.run():
                 search_seconds += record["seconds"]
-                last = {**search_metrics(record), "search_seconds_total": search_seconds,
+                last = {**trial_metrics(record), "search_seconds_total": search_seconds,
                         "search_epochs": search_config.epochs}
                 _report({**last, "done": eval_config is None and search.epoch == search_config.epochs},
                         {"stage": "search", "search": search.state_dict(), "last": last,

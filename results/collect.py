@@ -15,8 +15,8 @@ import pandas as pd
 
 from entrannas.config import read_yaml
 from entrannas.genotype import Genotype
+from entrannas.records import search_quality, trial_status, valid_error
 
-STATUSES = ("done", "failed", "diverged", "running")
 
 
 class NotAnExperiment(ValueError):
@@ -87,16 +87,6 @@ def genotype_summary(genotype: Optional[dict]) -> dict:
 
 
 # -- sweeps ---------------------------------------------------------------------------------------
-def trial_status(last: dict, errored: bool) -> str:
-    """A trial's status from its last reported metrics and whether Tune recorded an error: the one
-    rule for the report (from the files) and the sweep's closing summary (from Tune's results)."""
-    if last.get("diverged"):
-        return "diverged"
-    if last.get("done"):
-        return "done"
-    return "failed" if errored else "running"
-
-
 def _trial_status(rows: list[dict], trial_dir: Path) -> str:
     errored = (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file()
     return trial_status(rows[-1] if rows else {}, errored)
@@ -125,7 +115,9 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         search_rows = [r for r in rows if r.get("stage") == "search" and "epoch" in r]
         last = rows[-1] if rows else {}
         status = _trial_status(rows, trial_dir)
-        settings = {**base, **point}
+        resolved = trial_dir / "config.yaml"   # what the trial ran, every default filled in
+        settings = {**base, **point, **((read_yaml(resolved.read_text()) or {}).get("search") or {}
+                                        if resolved.is_file() else {})}
         genotype = json.loads(last["genotype"]) if last.get("genotype") else None
         search_s = last.get("search_seconds_total")
         eval_s = last.get("eval_seconds_total")
@@ -134,11 +126,11 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "experiment": experiment.name, "trial_id": trial_dir.name, "status": status,
             **{f"setting:{k}": _plain(v) for k, v in point.items()},
             "seed": settings.get("seed", 0), "mode": settings.get("mode", "entrannas"),
-            "dataset": settings.get("dataset", "digits"),
+            "dataset": settings.get("dataset", "digits"),   # defaults only for trials saved without config.yaml
             "epochs_done": (search_rows[-1]["epoch"] + 1) if search_rows else 0,
             "valid_error": last.get("valid_error"),
             "valid_error_rise": _rise_from_best([r.get("valid_error") for r in search_rows]),
-            **_search_quality(last),
+            **search_quality(last),
             "eval_test_error": last.get("eval_test_error") if evaluated else None,
             # the network the evaluation trained (its config, dataset and input size)
             "params_m": last.get("eval_params_m") if evaluated else None,
@@ -156,25 +148,11 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
     return trials, epochs
 
 
-def _search_quality(record: dict) -> dict:
-    """A search epoch's settling figures: the derived architecture's validation error with the
-    super-net's weights, the super-net's accuracy minus the derived one's, the genotype's stability."""
-    derived = record.get("derived_valid_acc")
-    return {"derived_valid_error": None if derived is None else 1 - derived,
-            "supernet_gap": record.get("supernet_gap"), "genotype_stability": record.get("genotype_stability")}
-
-
 def _rise_from_best(errors: list) -> Optional[float]:
     """The last epoch's super-net validation error minus the best epoch's: how far a search fell
     back from its best state by its end (0 for a search that ends at its best)."""
     errors = [e for e in errors if e is not None]
     return errors[-1] - min(errors) if errors else None
-
-
-def _valid_error(record: dict) -> Optional[float]:
-    if record.get("valid_error") is not None:
-        return record["valid_error"]
-    return None if record.get("valid_acc") is None else 1 - record["valid_acc"]
 
 
 def _plain(value):
@@ -195,7 +173,7 @@ def _epoch_row(trial: dict, record: dict) -> dict:
         **{k: v for k, v in trial.items()
            if k in ("experiment", "trial_id", "seed", "mode") or k.startswith("setting:")},
         "epoch": record["epoch"], "tau": record.get("tau"),
-        "valid_error": _valid_error(record), **_search_quality(record),
+        "valid_error": valid_error(record), **search_quality(record),
         "train_loss": record.get("train_loss"),
         "kept_total": (sum(kept_n) + sum(kept_r)) if kept_n and kept_r else None,
         **thresholds,
@@ -215,9 +193,9 @@ def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
         "experiment": path.name, "trial_id": path.name, "status": "done" if done else "running",
         "seed": config.get("seed", 0), "mode": config.get("mode", "evaluate" if kind == "evaluate" else None),
         "dataset": config.get("dataset"), "epochs_done": len(history),
-        "valid_error": _valid_error(history[-1]) if kind == "search" and history else None,
-        "valid_error_rise": _rise_from_best([_valid_error(r) for r in history]) if kind == "search" else None,
-        **_search_quality(history[-1] if kind == "search" and history else {}),
+        "valid_error": valid_error(history[-1]) if kind == "search" and history else None,
+        "valid_error_rise": _rise_from_best([valid_error(r) for r in history]) if kind == "search" else None,
+        **search_quality(history[-1] if kind == "search" and history else {}),
         "eval_test_error": result.get("test_error",
                                       history[-1].get("test_error") if kind == "evaluate" and history else None),
         "params_m": result.get("params_m"), "multiply_adds_m": result.get("multiply_adds_m"),

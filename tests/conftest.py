@@ -2,6 +2,8 @@ import functools
 import math
 import os
 import pickle
+import sys
+from pathlib import Path
 
 # Ray reads these when it is imported: every Ray process of the tests must agree (MACHINE-NOTES).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -11,11 +13,15 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import numpy as np
+
 import pytest
 import torch
 
 from entrannas.config import SearchConfig
 from entrannas.supernet import SearchNetwork, SupernetSpec
+
+# benchmarks/ (the bench's op counter) importable as top-level modules
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 TINY = dict(layers=3, init_channels=4, nodes=4)
 #: Fields of an epoch record that the clock or the process decide: two runs of a seed differ there.
@@ -93,7 +99,7 @@ def tiny_net(seed: int = 0, in_channels: int = 1, **changes) -> SearchNetwork:
 
 
 def record_as_is(fn, net, plans, args, pool):
-    """A stand-in recorder for ``CapturedStructures`` on the CPU: the 'recorded' pass is the eager one."""
+    """A stand-in recorder for ``CudaGraphs`` on the CPU: the 'recorded' pass is the eager one."""
     return functools.partial(fn, plans)
 
 

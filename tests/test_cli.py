@@ -47,12 +47,11 @@ BAD = [
     (["--set", "dataset=imagenet"], "data_dir = None: dataset imagenet needs a data directory"),
     (["--config", "/nonexistent.yaml"], "--config = '/nonexistent.yaml': is not a readable file"),
     (["--set", "novalue"], "--set = 'novalue': expected key=value"),
-    (["--set", "compile=fast"], "compile = 'fast': allowed: off, default, reduce-overhead"),
-    (["--set", "compile=default", "--set", "compile_backend=tensorrt9"], "compile_backend = 'tensorrt9': allowed:"),
-    (["--set", "compile=reduce-overhead", "--set", "compile_backend=aot_eager"],
-     "compile = 'reduce-overhead': compile_backend 'aot_eager' takes only compile: default"),
-    (["--set", "compile_after=0"], "compile_after = 0: must be an integer >= 1"),
-    (["--set", "transit=dense"], "transit = 'dense': allowed: sparse, masked, auto"),
+    # the fast paths that did not pay are gone: their settings are unknown
+    (["--set", "compile=reduce-overhead"], "compile = 'reduce-overhead': unknown setting"),
+    (["--set", "transit=masked"], "transit = 'masked': unknown setting"),
+    (["--set", "transit=auto"], "transit = 'auto': unknown setting"),
+    (["--set", "cuda_graphs=maybe"], "cuda_graphs = 'maybe': must be true or false"),
 ]
 
 
@@ -89,7 +88,7 @@ def test_bad_evaluation_settings_exit_2_before_training(setting, message, tmp_pa
 
 @pytest.mark.parametrize("settings, message", [
     (["precision=bf16", "channels_last=true"], "channels_last = True: with precision bf16 on the CPU"),
-    (["compile=capture"], "compile = 'capture': records CUDA graphs, so it needs a CUDA device"),
+    (["cuda_graphs=true"], "cuda_graphs = True: records CUDA graphs, so it needs a CUDA device"),
 ])
 def test_a_setting_the_device_cannot_run_is_refused_before_anything_is_written(settings, message, tmp_path, capsys,
                                                                                monkeypatch):
@@ -116,18 +115,19 @@ def test_yaml_numbers_and_dataset_defaults(tmp_path):
     assert config.placement == "first" and config.feature_sharing and config.bottleneck_ratio == 4
     cifar = SearchConfig(dataset="synthetic").resolve()
     assert (cifar.epochs, cifar.batch_size, cifar.layers, cifar.init_channels) == (50, 256, 8, 16)
-    assert cifar.engine_cells() == {0, 2}, "SPEC 2: cells 0 and 2 of an 8-cell net"
+    assert cifar.engine_cells() == {0, 2}, "Sec. 2.5: cells 0 and 2 of an 8-cell net"
 
 
 def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
-    """YAML 1.1 (PyYAML's) reads an unquoted off, yes, n... as booleans; ``compile: off`` is the
-    documented default, so every YAML the project reads takes YAML 1.2's booleans."""
+    """YAML 1.1 (PyYAML's) reads an unquoted off, yes, n... as booleans; a mode or a precision may be
+    such a word, so every YAML the project reads takes YAML 1.2's booleans."""
     path = tmp_path / "c.yaml"
-    path.write_text("compile: off\nfeature_sharing: false\n")
-    assert load_config(path).compile == "off" and load_config(path).feature_sharing is False
-    assert load_config(None, ["compile=off", "transit=masked"]).compile == "off"
-    with pytest.raises(ConfigError, match="transit = 'yes': allowed: sparse, masked, auto"):
-        load_config(None, ["transit=yes"])
+    path.write_text("mode: n\nfeature_sharing: false\n")
+    with pytest.raises(ConfigError, match="mode = 'n': allowed"):
+        load_config(path)
+    path.write_text("precision: off\nfeature_sharing: false\n")
+    with pytest.raises(ConfigError, match="precision = 'off': allowed: fp32, bf16"):
+        load_config(path)
     with pytest.raises(ConfigError, match="feature_sharing = 'on': must be true or false"):
         load_config(None, ["feature_sharing=on"])
     assert read_yaml("[on, off, yes, no, y, n, True, FALSE, 1e-3, null]") == [
@@ -228,22 +228,22 @@ def test_interrupted_cli_search_resumes_to_the_same_result(tmp_path):
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
-    """A run started by an earlier version has no ``transit`` in its config.yaml; it ran what
-    ``transit: sparse`` runs, so resuming it with that value is allowed, and another is refused."""
+    """A run started by an earlier version has no ``cuda_graphs`` in its config.yaml; it ran what
+    ``cuda_graphs: false`` runs, so resuming it with that value is allowed, and another is refused."""
     from entrannas.rundir import RunDir, RunDirError
 
     config = SearchConfig(mode="dst").resolve().to_dict()
-    old = {k: v for k, v in config.items() if k != "transit"}
+    old = {k: v for k, v in config.items() if k != "cuda_graphs"}
     run = RunDir(tmp_path / "run")
     run.prepare(old, resume=False)
     (tmp_path / "run" / "history.jsonl").write_text("")
     defaults = SearchConfig.field_defaults()
-    assert defaults["transit"] == "sparse" and defaults["primitives"] == list(SearchConfig().primitives)
+    assert defaults["cuda_graphs"] is False and defaults["primitives"] == list(SearchConfig().primitives)
     assert run.prepare(config, resume=True, defaults=defaults) is False    # accepted (no checkpoint yet)
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))     # prepare rewrote it
-    with pytest.raises(RunDirError, match="transit: None -> 'masked'"):
-        run.prepare({**config, "transit": "masked"}, resume=True, defaults=defaults)
-    with pytest.raises(RunDirError, match="transit: None -> 'sparse'"):
+    with pytest.raises(RunDirError, match="cuda_graphs: None -> True"):
+        run.prepare({**config, "cuda_graphs": True}, resume=True, defaults=defaults)
+    with pytest.raises(RunDirError, match="cuda_graphs: None -> False"):
         run.prepare(config, resume=True)                                    # without the defaults
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from entrannas.bench import OpCounter
+from bench import OpCounter
 from entrannas.evalnet import EvalCell, NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters, drop_path
 from entrannas.genotype import Genotype
 from entrannas.zoo import ZOO

@@ -3,7 +3,6 @@
 import itertools
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entrannas.bench import block_of, check_against_eager, gradient_differences, main as bench_main
+import bench
+import imitated_pool
+from bench import block_of, check_against_eager, gradient_differences, main as bench_main
 from entrannas.bilevel import BilevelOptimizer
 from entrannas.genotype import Genotype, genotype_masks
 from entrannas.ops import DARTS_PRIMITIVES
@@ -23,7 +24,6 @@ from conftest import tiny_batch, tiny_config, tiny_net
 DST_PRIMS = tuple(p for p in DARTS_PRIMITIVES if p != "none")
 ROOT = Path(__file__).resolve().parent.parent
 DST_GENOTYPE = ROOT / "benchmarks" / "genotypes" / "dst-digits.json"
-GPU_SESSION = ROOT / "benchmarks" / "gpu_session.sh"
 
 
 def outputs_and_grads(mode: str, **changes):
@@ -141,7 +141,7 @@ def test_a_bench_stopped_by_sigterm_prints_and_keeps_what_it_measured(tmp_path):
     import time
 
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "entrannas.bench", "--configs", "entrannas", "dst", "dst", "dst", "dst",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--configs", "entrannas", "dst", "dst", "dst", "dst",
            "--layers", "3", "--channels", "4", "--batch-size", "2", "--image-size", "8", "--steps", "30",
            "--repeats", "3", "--warmup", "1", "--device", "cpu", "--threads", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -273,13 +273,11 @@ def test_bench_profile_lists_where_a_step_spends_its_time(capsys):
 
 
 def test_bench_counts_the_kernels_and_bytes_of_a_step(capsys):
-    assert bench_main(["--configs", "darts", "entrannas", "dst", "entrannas+compile", "--compile-backend", "eager",
-                       "--layers", "3", "--channels", "4", "--batch-size", "4", "--image-size", "8", "--steps", "1",
+    assert bench_main(["--configs", "darts", "entrannas", "dst", "--layers", "3", "--channels", "4", "--batch-size", "4", "--image-size", "8", "--steps", "1",
                        "--repeats", "1", "--warmup", "1", "--count-ops", "--device", "cpu", "--frozen-arch"]) == 0
     captured = capsys.readouterr()
-    darts, entrannas, dst, compiled = json.loads(captured.out)["results"]
+    darts, entrannas, dst = json.loads(captured.out)["results"]
     counts = [r["op_count"] for r in (darts, entrannas, dst)]
-    assert "op_count" not in compiled                       # counted on the eager path only
     for c in counts:
         assert c["ops_per_step"] >= sum(t["calls"] for t in c["top"]) > 0 and c["gb_per_step"] > 0
         assert {"convolution", "convolution_backward", "native_batch_norm"} <= {t["op"] for t in c["top"]}
@@ -324,7 +322,7 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
     (["--configs", "dst+turbo"], "--configs = 'dst+turbo': unknown variant 'turbo'"),
     (["--steps", "0"], "--steps = 0: must be >= 1"),
     (["--profile", "-1"], "--profile = -1: must be >= 0"),
-    (["--configs", "dst+compile", "--compile-backend", "nope"], "compile_backend = 'nope': allowed:"),
+    (["--configs", "dst+compile"], "--configs = 'dst+compile': unknown variant 'compile'"),
     (["--configs", "dst", "dst+bf16+cl"], "channels_last = True: with precision bf16 on the CPU"),
     (["--configs", "dst", "--arch", "nosuch"], "'nosuch' is neither a known name"),
     (["--configs", "dst+streams"], "op_streams = 4: more than 1 needs a CUDA device"),
@@ -333,91 +331,38 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
      "dst-digits.json': entrannas cannot derive it: normal: node 3 takes 3 input(s)"),
 ])
 def test_bench_refuses_bad_input_before_timing(args, message, capsys, monkeypatch):
-    monkeypatch.setattr("entrannas.bench.measure", lambda *a: pytest.fail("timed despite bad input"))
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("timed despite bad input"))
     assert bench_main([*args, "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_failing_configuration_spares_the_others(capsys, monkeypatch, tmp_path):
-    import entrannas.bench
-
-    measure = entrannas.bench.measure
+    measure = bench.measure
 
     def flaky(config, label, args, device):
         if label == "entrannas":
-            raise RuntimeError("compiler exploded")
+            raise RuntimeError("out of memory")
         return measure(config, label, args, device)
 
-    monkeypatch.setattr(entrannas.bench, "measure", flaky)
+    monkeypatch.setattr(bench, "measure", flaky)
     out = tmp_path / "b.json"
     assert bench_main(["--configs", "darts", "entrannas", "dst", "--layers", "3", "--channels", "4",
                        "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
                        "--device", "cpu", "--out", str(out)]) == 1
     rows = json.loads(out.read_text())["results"]
     assert [r["config"] for r in rows] == ["darts", "entrannas", "dst"]
-    assert rows[1] == {"config": "entrannas", "error": "RuntimeError: compiler exploded"}
+    assert rows[1] == {"config": "entrannas", "error": "RuntimeError: out of memory"}
     assert rows[2]["speedup_vs_darts"] > 0
-    assert "failed: RuntimeError: compiler exploded" in capsys.readouterr().err
+    assert "failed: RuntimeError: out of memory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_releasing_a_configuration_runs_on_every_device_kind(compiled, monkeypatch):
+def test_releasing_a_configuration_runs_on_every_device_kind(monkeypatch):
     """The clean-up between configurations once failed on CUDA only (a local import shadowed torch);
     run its CUDA branch here with the cache release stubbed."""
-    import entrannas.bench
-
     released = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
-    entrannas.bench._release(torch.device("cuda"), compiled=compiled)
+    bench._release(torch.device("cuda"))
     assert released == [True]
-
-
-def test_payback_weighs_graph_building_against_the_time_each_step_saves():
-    from entrannas.bench import add_payback, table
-
-    def row(config, compile, seconds, warmup, precision="bf16", ratio=4):
-        return {"config": config, "mode": "dst", "precision": precision, "channels_last": True, "compile": compile,
-                "bottleneck_ratio": ratio, "seconds_per_step": seconds, "warmup_seconds": warmup,
-                "speedup_vs_darts": None, "peak_memory_mb": None, "projected_50_epoch_minutes": 1.0,
-                "structures_while_timing": 1}
-
-    rows = [row("dst+bf16+cl", "off", 0.2, 0.8), row("dst+graphs+bf16+cl", "reduce-overhead", 0.1, 10.4),
-            row("dst+compile+bf16+cl", "default", 0.25, 5.0), row("dst+graphs+cl", "reduce-overhead", 0.1, 9.0, "fp32"),
-            row("dst+graphs+bf16+cl+bottleneck_ratio=2", "reduce-overhead", 0.1, 9.0, ratio=2)]
-    add_payback(rows, warmup_steps=4)
-    assert "payback" not in rows[4]   # another super-net than the eager one timed
-    assert rows[1]["compile_seconds"] == pytest.approx(10.0)          # 10.4 s less its 4 steps of 0.1 s
-    assert rows[1]["payback"] == {"versus": "dst+bf16+cl", "saved_per_step": pytest.approx(0.1),
-                                  "steps": pytest.approx(100.0)}
-    assert rows[2]["payback"]["steps"] is None                          # slower than eager: never
-    assert "payback" not in rows[0] and "payback" not in rows[3]       # eager; no fp32 eager twin timed
-    text = table(rows)
-    assert "won back after 100 steps" in text and "never won back" in text
-
-
-def test_bench_times_masked_transit_cells_as_one_structure(capsys):
-    """Without --frozen-arch the derived architecture may change while timing; masked Transit-cells
-    run one structure whatever it is, and read the mask on the host once per step (the weight step's
-    gradients to drop). They run every op, so a step has more work than the sparse one."""
-    assert bench_main(["--configs", "entrannas", "entrannas+masked", "--layers", "3", "--channels", "4",
-                       "--batch-size", "4", "--image-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1",
-                       "--count-ops", "--check", "--device", "cpu"]) == 0
-    sparse, masked = json.loads(capsys.readouterr().out)["results"]
-    assert (sparse["transit"], masked["transit"]) == ("sparse", "masked")
-    for check in masked["check"].values():    # against the sparse eager path: the same to rounding
-        assert check["logits_max_rel_error"] < 1e-5 and check["grad_cosine"] > 0.99999
-    assert masked["structures_while_timing"] == 1 and masked["derivations_per_step"] == 1.0
-    assert masked["op_count"]["ops_per_step"] > sparse["op_count"]["ops_per_step"]
-
-
-def _script(name: str):
-    import importlib.util
-
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pool_gradient_by_loops(g: torch.Tensor, size: int, stride: int, offset: int) -> torch.Tensor:
@@ -438,9 +383,9 @@ def _pool_gradient_by_loops(g: torch.Tensor, size: int, stride: int, offset: int
 
 @pytest.mark.parametrize("stride,size", [(1, 5), (2, 6), (2, 5)])
 def test_the_imitated_pool_kernel_is_the_one_pytorch_fixed(stride, size):
-    """benchmarks/pool_grad_bug.py: in NCHW its pool gradient is autograd's; in channels_last it is the
+    """tests/imitated_pool.py: in NCHW its pool gradient is autograd's; in channels_last it is the
     broken kernel's, stated pixel by pixel (the loops agree with autograd at the padding offset)."""
-    bug = _script("pool_grad_bug")
+    bug = imitated_pool
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     g = torch.randn(2, 3, (size - 1) // stride + 1, (size - 1) // stride + 1, dtype=torch.float64)
     grads = {}
@@ -462,10 +407,10 @@ def test_avg_pool_probes_for_the_broken_kernel_and_pools_around_it(monkeypatch, 
     """ops.AvgPool: with the imitated kernel the probe finds it wrong, and a channels_last input then gets
     NCHW's gradient and a channels_last output; told the kernel is right, the wrong gradient comes through.
     One channel: channels_last strides with ``is_contiguous()`` true, which the kernel still runs in
-    channels_last (session 34's H200 run: the tests' tiny net, one channel after its bottleneck)."""
+    channels_last."""
     from entrannas import ops
 
-    bug = _script("pool_grad_bug")
+    bug = imitated_pool
     cpu = torch.device("cpu")
     assert ops.pool_grad_is_wrong(cpu) is False   # the CPU's own kernel
     pool = ops.OPS["avg_pool_3x3"](channels, 1, False)
@@ -493,32 +438,13 @@ def test_avg_pool_probes_for_the_broken_kernel_and_pools_around_it(monkeypatch, 
     assert ops.pool_grad_is_wrong(cpu) is True and ops._POOL_GRAD_WRONG == {}
 
 
-def test_one_channel_check_finds_the_kernel_reached_through_one_channel_and_avg_pool_going_round(tmp_path):
-    """benchmarks/one_channel_check.py: with the imitated kernel the raw pool's channels_last gradient is
-    off at one channel as at three, and ops.AvgPool's is not; the CPU's own kernels agree across layouts."""
-    check = _script("one_channel_check")
-    bug = _script("pool_grad_bug")
-    cpu = torch.device("cpu")
-    with bug.imitate_pool_grad_bug():
-        broken = check.pool_errors(cpu)
-    assert set(broken) == {"1 channel", "3 channels"}
-    assert all(e["F.avg_pool2d"] > 0.1 and e["ops.AvgPool"] < 1e-6 for e in broken.values()), broken
-    out = tmp_path / "one_channel.json"
-    assert check.main(["--device", "cpu", "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    assert doc["channels_last_pool_grad_wrong"] is False
-    assert all(v < 1e-5 for e in doc["pool"].values() for v in e.values()), doc["pool"]
-    assert len(doc["ops"]) == 2 * (len(DARTS_PRIMITIVES) - 1) and max(doc["ops"].values()) < 1e-5, doc["ops"]
-
-
 @pytest.mark.parametrize("fixed", [True, False])
 def test_a_channels_last_search_has_the_right_gradients_despite_a_wrong_pool_kernel(fixed):
     """Settled DST (its genotype has avg_pool_3x3 edges) in channels_last with the imitated kernel,
-    checked against NCHW eager: the same gradients with the fix; far off without it (what session 8
-    measured on an H200: a weight-gradient cosine of 0.77)."""
+    checked against NCHW eager: the same gradients with the fix; far off without it."""
     from entrannas import ops
 
-    bug = _script("pool_grad_bug")
+    bug = imitated_pool
     net = tiny_net(seed=0, mode="dst", channels_last=True)
     net.set_architecture(load_genotype(str(DST_GENOTYPE)))
     opt = BilevelOptimizer(net, tiny_config(mode="dst", channels_last=True))
@@ -531,142 +457,3 @@ def test_a_channels_last_search_has_the_right_gradients_despite_a_wrong_pool_ker
     else:
         assert check["grad_cosine"] < 0.99
     assert check["logits_max_rel_error"] < 1e-5   # the forward pass is right either way
-
-
-def test_op_check_finds_an_op_whose_channels_last_kernel_is_wrong(monkeypatch, capsys, tmp_path):
-    """benchmarks/op_check.py: every op agrees with float64 in both layouts here; an op that computes
-    something else for a channels_last input (a stand-in for a wrong kernel) is reported, and only it."""
-    check = _script("op_check")
-    rows = list(check.compare_layouts(torch.device("cpu"), batch_size=4, shapes=((4, 8),)))
-    assert len(rows) == 2 * (len(check.DARTS_PRIMITIVES) - 1)
-    assert all(r["worst"] < check.TOLERANCE for r in rows), [r for r in rows if r["worst"] >= check.TOLERANCE]
-
-    class OffInChannelsLast(torch.nn.Module):
-        def forward(self, x):
-            wrong = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            return x * 1.01 if wrong else x
-
-    real = check.build_op
-    monkeypatch.setattr(check, "build_op", lambda name, *a, **k: OffInChannelsLast() if name == "skip_connect"
-                        else real(name, *a, **k))
-    out = tmp_path / "ops.json"
-    assert check.main(["--device", "cpu", "--batch-size", "2", "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    bad = [r for r in doc["results"] if r["worst"] > check.TOLERANCE]
-    assert {r["op"] for r in bad} == {"skip_connect"} and len(bad) == 2 * len(check.SHAPES)
-    assert all(r["errors"]["nchw"]["output"] == 0 and r["errors"]["channels_last"]["output"] > 5e-3 for r in bad)
-    assert "skip_connect 4ch 32px stride 1: channels_last: output" in capsys.readouterr().err
-
-
-def test_tf32_rounding_keeps_ten_mantissa_bits_and_moves_the_gradients_only_when_on():
-    tf32 = _script("tf32_rounding")
-    conv2d = torch.nn.functional.conv2d
-    tiny = 1.5 * 2**-100 + 2**-111   # 11 significant bits and a half: rounds away, to 1.5 * 2**-100 + 2**-110
-    x = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-11, 1 + 2**-12, -(1 + 3 * 2**-11), tiny])
-    assert tf32.round_to_tf32(x).tolist() == [1.0, 1 + 2**-10, 1 + 2**-10, 1.0, -(1 + 2 * 2**-10),
-                                              1.5 * 2**-100 + 2**-110]
-    small = dict(mode="dst", arch=None, batch_size=4, layers=3, channels=4, image_size=8, warmup=1)
-    plain = tf32.measure(rounding=False, **small)["check"]["weight_pass"]
-    rounded = tf32.measure(rounding=True, **small)["check"]["weight_pass"]
-    assert plain["grad_cosine"] > 0.99999 and plain["logits_max_rel_error"] == 0.0
-    assert 0.9 < rounded["grad_cosine"] < 0.99999 and 0 < rounded["logits_max_rel_error"] < 1e-2
-    assert torch.nn.functional.conv2d is conv2d   # the stand-in is gone
-
-
-def _structure_churn():
-    return _script("structure_churn")
-
-
-def test_structure_churn_counts_runs_and_the_share_a_build_would_serve():
-    churn = _structure_churn()
-    keys = list("aaabccccca")                  # runs: a x3, b x1, c x5, a x1
-    assert churn.runs_of(keys) == [3, 1, 5, 1]
-    assert churn.built_share(churn.runs_of(keys), 1) == 1.0
-    assert churn.built_share(churn.runs_of(keys), 3) == (1 + 3) / 10   # the 3rd a; the 3rd to 5th c
-    summary = churn.summarize(keys)
-    assert (summary["steps"], summary["structures"], summary["runs"], summary["longest_run"]) == (10, 3, 4, 5)
-    assert summary["runs_by_length"] == {"1": 2, "2-4": 1, "5-9": 1, "10-49": 0, "50+": 0}
-
-
-def test_structure_churn_runs_a_search_per_mode(capsys, tmp_path):
-    churn = _structure_churn()
-    out = tmp_path / "churn.json"
-    assert churn.main(["--modes", "entrannas", "--epochs", "2", "--arch-lr", "0.05", "--set", "layers=3",
-                       "--set", "init_channels=4", "--set", "subset_fraction=0.25", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["results"]
-    assert row["mode"] == "entrannas" and row["config"]["arch_warmup_epochs"] == 0
-    assert row["steps"] > 0 and row["steps"] % 2 == 0        # every step of both epochs (no warm-up)
-    assert 1 <= row["structures"] <= row["steps"] and row["built_share"]["2"] <= 1.0
-    assert "share of the steps that run built" in capsys.readouterr().err
-
-
-def test_projection_check_sets_each_epoch_against_the_benchs_figures(capsys, tmp_path):
-    check = _script("projection_check")
-    out = tmp_path / "check.json"
-    assert check.main(["--modes", "entrannas", "--layers", "3", "--channels", "4", "--batch-size", "16",
-                       "--epochs", "2", "--steps", "1", "--set", "subset_fraction=0.1", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["results"]
-    bench, steps, batches = row["bench"], row["steps_per_epoch"], row["valid_batches_per_epoch"]
-    assert row["config"]["subset_fraction"] == 0.1 and steps > 1 and batches > 1
-    warm, full = row["epochs"]
-    assert (warm["warmup"], full["warmup"]) == (True, False)
-    assert warm["predicted_seconds"] == pytest.approx(steps * bench["seconds_per_warmup_step"]
-                                                      + batches * bench["seconds_per_valid_batch"])
-    assert full["predicted_seconds"] == pytest.approx(steps * bench["seconds_per_step"]
-                                                      + batches * bench["seconds_per_valid_batch"])
-    assert all(0 < e["valid_seconds"] < e["seconds"] for e in row["epochs"])
-    assert "measured s" in capsys.readouterr().err
-
-
-def test_projection_check_refuses_a_bad_setting_before_running_anything(capsys, monkeypatch):
-    check = _script("projection_check")
-    monkeypatch.setattr(check, "bench_figures", lambda *a: pytest.fail("the bench ran for a bad setting"))
-    assert check.main(["--modes", "entrannas", "--set", "batch_size=0"]) == 2
-    assert "batch_size = 0" in capsys.readouterr().err
-    # the settings the search resolves are checked, whichever option set them
-    for argv in (["--epochs", "1"], ["--set", "epochs=1"], ["--epochs", "3", "--set", "arch_warmup_epochs=3"]):
-        assert check.main(["--modes", "entrannas", *argv]) == 2
-        assert "must be more than arch_warmup_epochs" in capsys.readouterr().err
-
-
-def gpu_session_defaults(*names: str) -> dict[str, str]:
-    """The values benchmarks/gpu_session.sh gives these settings when the caller sets none."""
-    script = GPU_SESSION.read_text()
-    defaults = script[script.index("set -u"):script.index('mkdir -p "$OUT"')]
-    shown = subprocess.run(["bash", "-c", defaults + "".join(f'\necho "${n}"' for n in names)], cwd=ROOT,
-                           capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
-    return dict(zip(names, shown.splitlines()))
-
-
-def test_the_gpu_session_scripts_default_stages_fit_in_the_call_it_documents():
-    """The stages' time limits add up to less than the ``timeout_s`` of the call the script's header
-    gives (and that within the device tool's 600 s a call), so that the last stage is not cut by the
-    call's limit; 10 s are left for what runs outside any stage's limit. A stage NAME's limit is
-    NAME_LIMIT, the tests stage's the seconds of each of its TEST_RUNS ("capture:120")."""
-    call = int(re.search(r"timeout_s=(\d+)", GPU_SESSION.read_text()).group(1))
-    stages = gpu_session_defaults("STAGES")["STAGES"].split()
-    assert {"ops", "diagnose", "arch", "tests", "search"} <= set(stages)
-    limits = gpu_session_defaults("TEST_RUNS", *(f"{stage.upper()}_LIMIT" for stage in stages if stage != "tests"))
-    tests = sum(int(run.rsplit(":", 1)[1]) for run in limits.pop("TEST_RUNS").split())
-    total = sum(int(limit) for limit in limits.values()) + tests   # (a stage without a limit: set -u fails)
-    assert total + 10 <= call <= 600, (total, call)
-
-
-def test_the_gpu_session_script_asks_for_configurations_the_bench_accepts():
-    """A typo in benchmarks/gpu_session.sh would cost a lent GPU's few minutes: its default
-    configurations must parse, and its --arch genotypes must be derivable by each mode."""
-    from entrannas.bench import arch_of, parse_label, parser
-    from entrannas.derive import arch_for_genotype
-
-    names = ("CONFIGS", "ARCH", "ARCH_CONFIGS", "CHURN_CONFIGS", "INDUCTOR_CONFIGS", "DIAGNOSE_CONFIGS")
-    values = gpu_session_defaults(*names)
-    args = parser().parse_args([])   # the bench's defaults: the GPU target's shapes
-    labels = [label for n in names if n != "ARCH" for label in values[n].split()]
-    assert len(labels) >= 20 and "dst+capture+bf16+cl+streams" in labels
-    arch = values["ARCH"].split()
-    for label in labels:
-        config = parse_label(label, args)
-        if label in values["ARCH_CONFIGS"].split() + values["DIAGNOSE_CONFIGS"].split():
-            source = arch_of(arch, config.mode)
-            source = source if source in ZOO else str(ROOT / source)
-            arch_for_genotype(load_genotype(source), config.mode, config.primitives, config.nodes, tau=1.0)

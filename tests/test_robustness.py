@@ -323,6 +323,10 @@ def test_every_shipped_spec_runs_shrunk_on_a_small_cifar_copy(path, tmp_path):
     shrink.append(f"data_dir={tmp_path / 'data'}")
     if "placement:" in text:
         shrink.append("layers=6")    # its explicit placement names cell 5
+    if "settle_epochs:" in text:
+        shrink.append("epochs=3")    # it sweeps settle_epochs up to 2
+    if "digits" in text:             # a tenth of the images, as many steps as the CIFAR copy's
+        shrink += ["subset_fraction=0.1"] + (["evaluate.subset_fraction=0.1"] if "evaluate:" in text else [])
     args = ["sweep", str(path), "--storage", str(tmp_path / "runs"), "--no-report"]
     for item in shrink:
         args += ["--set", item]

@@ -4,7 +4,6 @@ import time
 import pytest
 import torch
 
-from entrannas.compiled import CapturedStructures
 from entrannas.genotype import Genotype
 from entrannas.search import RandomSearch, Search, SearchDiverged, genotype_stability, search_job
 from entrannas.zoo import ZOO
@@ -13,8 +12,8 @@ from conftest import cosine_lrs, loss_and_accuracy_by_hand, record_as_is, tiny_c
 
 
 def stable(record: dict) -> dict:
-    """What the seed decides, less the facts of the process (host reads, compiled passes)."""
-    return untimed(record, also=("derivations", "compile"))
+    """What the seed decides, less the facts of the process (host reads, recorded passes)."""
+    return untimed(record, also=("derivations", "cuda_graphs"))
 
 
 def small(**changes):
@@ -124,28 +123,24 @@ def test_an_epoch_derives_the_structure_once_per_step_and_never_in_warm_up():
     steps = min(len(search.data.train), len(search.data.valid))
     assert warm["derivations"] == 1                 # tau's value at the epoch's start, then none
     assert searching["derivations"] == steps + 1    # + the new tau at the start
-    assert warm["compile"] is None
+    assert warm["cuda_graphs"] is None
     assert warm["structures"] == 1 <= searching["structures"] <= steps
 
 
 def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
-    """The record's ``structures``: one per derived architecture the weight steps ran, the same for
-    sparse and masked Transit-cells (which read the mask on the host once per step instead), and
-    for ``auto`` with built passes (a stand-in recorder on the CPU), whose record says how many
-    passes went through the masked structure."""
+    """The record's ``structures``: one per derived architecture the weight steps ran, the same with
+    recorded passes (a stand-in recorder on the CPU), whose record says how many passes were recorded."""
     records = []
-    for transit in ("sparse", "masked", "auto"):
-        search = Search(small(mode="entrannas", arch_warmup_epochs=0, arch_lr=0.05, transit=transit))
-        if transit == "auto":
-            model = search.model
-            model.compiled = CapturedStructures(model.run_structure, model, after=2, capture=record_as_is)
+    for graphs in (False, True):
+        search = Search(small(mode="entrannas", arch_warmup_epochs=0, arch_lr=0.05))
+        if graphs:
+            search.model.use_cuda_graphs(after=2, capture=record_as_is)
         seen = []
-        record = search.run_epoch(on_step=lambda i, n, s=search, into=seen: into.append(s.model.derived_key))
+        record = search.run_epoch(on_step=lambda i, n, s=search, into=seen: into.append(s.model.derived.key))
         assert record["structures"] == len(set(seen)) > 1 and None not in seen
         records.append((record["structures"], seen))
-    assert records[0] == records[1] == records[2]
-    built = record["compile"]
-    assert built["fallback_calls"] > 0 and built["compiles"] >= 1
+    assert records[0] == records[1]
+    assert record["cuda_graphs"]["eager_calls"] > 0 and record["cuda_graphs"]["captures"] >= 1
 
 
 def test_tau_anneals_before_the_settling_epochs_which_freeze_the_architecture():

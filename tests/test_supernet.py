@@ -1,14 +1,15 @@
-"""The super-net computes what SPEC 2-5 say, checked against plain per-edge reference sums."""
+"""The super-net computes what the paper's Eqs. 3-10 say: each cell against ``cells.reference_cell``, the
+method written edge by edge and op by op (docs/method.md)."""
 
 import pytest
 import torch
 
+from bench import OpCounter
 from entrannas import derive, supernet
-from entrannas.bench import OpCounter
+from entrannas.cells import CellPlan, SearchCell, reference_cell
 from entrannas.genotype import N_INPUTS, Genotype, GenotypeError, genotype_masks
-from entrannas.supernet import SearchCell, SearchNetwork, SupernetSpec
 from entrannas.ops import DARTS_PRIMITIVES, ReLUFirst
-
+from entrannas.supernet import SearchNetwork, SupernetSpec
 from entrannas.zoo import ZOO
 
 from conftest import cotangent_loss, tiny_batch, tiny_config, tiny_net
@@ -23,26 +24,7 @@ def make_cell(primitives, sharing=True, ratio=1, reduction=False, engine=True, C
     return cell
 
 
-def reference_cell(cell, s0, s1, coef_of):
-    """x_j = sum over (i, k) of coef_of(e, k) * o_k(x_i), looping over every edge and op (Eq. 6 / 3)."""
-    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-    for j in range(cell.n_nodes):
-        total = 0
-        for e, (i, jj) in enumerate(derive.edge_layout(cell.n_nodes)):
-            if jj != j:
-                continue
-            x = states[i] if cell.squeeze is None else cell.squeeze[i](states[i])
-            slot = i if cell.sharing else e
-            for k, op in enumerate(cell.ops[slot]):
-                c = coef_of(e, k)
-                if c != 0:
-                    total = total + c * op(x)
-        states.append(total if cell.expand is None else cell.expand[j](total))
-    return torch.cat(states[N_INPUTS:], 1)
-
-
 def run_cell(net_like_mask, cell, weights, s0, s1, engine):
-    from entrannas.supernet import CellPlan
     plan = CellPlan(net_like_mask, cell.n_nodes, cell.sharing, s0.device)
     coef = weights[plan.rows, plan.cols] if engine else None
     return cell(s0, s1, plan, coef)
@@ -52,7 +34,7 @@ def run_cell(net_like_mask, cell, weights, s0, s1, engine):
 @pytest.mark.parametrize("ratio", [1, 4])
 @pytest.mark.parametrize("reduction", [False, True])
 def test_dst_engine_cell_equals_its_derived_cell(sharing, ratio, reduction):
-    """SPEC 4: the Engine-cell's output is the derived cell's, each op scaled by its q_hat."""
+    """Eq. 10: the Engine-cell's output is the derived cell's, each op scaled by its q_hat."""
     cell = make_cell(DST_PRIMS, sharing, ratio, reduction)
     gen = torch.Generator().manual_seed(1)
     alpha = torch.randn(14, len(DST_PRIMS), generator=gen) * 2
@@ -160,7 +142,7 @@ def test_bottleneck_runs_ops_on_fewer_channels():
 
 @pytest.mark.parametrize("layers, reductions", [(8, (2, 5)), (5, (1, 3))])
 def test_reduction_cells_sit_at_one_and_two_thirds_of_the_depth(layers, reductions):
-    """SPEC 1: reductions at layers // 3 and 2 * layers // 3, where the resolution halves and the
+    """The search space: reductions at layers // 3 and 2 * layers // 3, where the resolution halves and the
     channels double; the config's list (placement, the bench) agrees with the net."""
     config = tiny_config(mode="entrannas", layers=layers)
     net = tiny_net(mode="entrannas", layers=layers)
@@ -179,7 +161,7 @@ def test_reduction_cells_sit_at_one_and_two_thirds_of_the_depth(layers, reductio
 
 
 def test_search_cells_normalise_without_affine_parameters():
-    """SPEC 1: in search every BN of a cell is affine=False (DARTS), the pools' added BNs and the
+    """The search space: in search every BN of a cell is affine=False (DARTS), the pools' added BNs and the
     bottleneck's included: a cell's only weights are convolutions."""
     net = tiny_net(mode="dst", bottleneck_ratio=2, init_channels=8)
     norms = [m for cell in net.cells for m in cell.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -217,10 +199,11 @@ def test_transit_cells_run_the_genotype_of_this_iteration():
     net = tiny_net(mode="entrannas", placement=[0, 1])
     net(torch.randn(2, 1, 8, 8))
     g = net.genotype()
-    mask_n, _ = net.last_masks
+    mask_n, _ = net.derived.masks
     assert sum(len(node) for node in g.normal) == int(mask_n.sum()) == 2 * 4
     with torch.no_grad():
         net.alpha_normal[:, DARTS_PRIMITIVES.index("max_pool_3x3")] += 5.0
+    net.arch_changed()
     net(torch.randn(2, 1, 8, 8))
     assert all(op == "max_pool_3x3" for node in net.genotype().normal for op, _ in node), \
         "derivation follows alpha at every iteration"
@@ -241,7 +224,10 @@ def test_imagenet_stem_takes_224_to_28():
     assert sizes == [(56, 28)]
 
 
-def test_structure_is_derived_only_when_alpha_beta_or_tau_change():
+def test_the_architecture_is_derived_when_asked_after_an_arch_change_or_a_new_tau():
+    """Every pass runs what ``derive()`` last read: derived again after ``arch_changed()`` (the
+    optimiser derives after each arch step), a new tau, or loading a state; an edit of alpha by hand
+    is seen once it is announced."""
     net = tiny_net(mode="dst")
     x = torch.randn(4, 1, 8, 8)
     net(x)
@@ -250,7 +236,10 @@ def test_structure_is_derived_only_when_alpha_beta_or_tau_change():
         net(x)
     assert net.derivations == 1
     with torch.no_grad():
-        net.alpha_normal[0, 0] += 5.0    # any in-place change of an arch tensor
+        net.alpha_normal[0, 0] += 5.0
+    net(x)
+    assert net.derivations == 1          # not announced: the derived architecture stays
+    net.arch_changed()
     net(x)
     assert net.derivations == 2
     net.tau = 0.5
@@ -268,9 +257,10 @@ def test_cached_structure_follows_the_current_alpha():
     with torch.no_grad():                # make edge 0's op 'sep_conv_3x3' win by far
         net.alpha_normal[0] = -10.0
         net.alpha_normal[0, net.primitives.index("sep_conv_3x3")] = 10.0
+    net.derive()
     net(x)
-    fresh = net.derived_masks(net.arch_weights(detach=True))
-    assert torch.equal(net.last_masks[0], fresh[0]) and net.last_masks[0][0].nonzero().tolist() == [
+    fresh = net.derived_masks()
+    assert torch.equal(net.derived.masks[0], fresh[0]) and net.derived.masks[0][0].nonzero().tolist() == [
         [net.primitives.index("sep_conv_3x3")]]
 
 
@@ -296,7 +286,7 @@ def test_the_network_applies_each_states_relu_once_for_the_two_cells_that_take_i
     torch.manual_seed(0)
     net = SearchNetwork(SupernetSpec.from_config(tiny_config(mode=mode), num_classes=10, in_channels=3, stem=stem))
     x = torch.randn(2, 3, 224 if stem == "imagenet" else 16, 224 if stem == "imagenet" else 16)
-    structure = net.structure(net.arch_weights(), x.device)
+    structure = net.derive(x.device)
     w_normal, w_reduce = net.arch_weights()
 
     def plain():   # each cell from the raw states, as a cell called on its own
@@ -309,7 +299,7 @@ def test_the_network_applies_each_states_relu_once_for_the_two_cells_that_take_i
         return net.classifier(net.global_pooling(s1).flatten(1))
 
     results = []
-    for run in (lambda: net.run_structure(structure.plans, x, w_normal, w_reduce), plain):
+    for run in (lambda: net.run_plans(structure.plans, x, w_normal, w_reduce), plain):
         with OpCounter() as ops:
             logits = run()
         grads = torch.autograd.grad(logits.square().sum(), list(net.parameters()), allow_unused=True,
@@ -346,7 +336,7 @@ def test_a_dense_transit_cell_sums_each_source_once():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_weighted_sums_mix_stacked_features_in_their_memory_order(channels_last):
-    from entrannas.supernet import weighted_sums
+    from entrannas.cells import weighted_sums
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats = torch.stack([torch.randn(2, 3, 4, 5).contiguous(memory_format=fmt) for _ in range(6)])
@@ -389,54 +379,11 @@ def test_a_loss_with_one_gradient_for_all_samples_leaves_none_behind_the_last_ba
     assert stem < 1e-12 < 1e-3 < net.stem0[0].weight.grad.abs().max().item()
 
 
-@pytest.mark.parametrize("mode,sharing", [("entrannas", True), ("entrannas", False), ("dst", True)])
-def test_masked_transit_cells_compute_what_sparse_ones_do(mode, sharing):
-    """``transit: masked`` runs every op and weights a Transit-cell's by the 0/1 derived mask: the
-    same logits and gradients, in float64 to rounding, and after ``drop_unused_gradients`` the
-    same parameters without a gradient (the ops and bottleneck convs the derived set leaves out)."""
-    sparse, masked = (tiny_net(seed=0, mode=mode, transit=t, feature_sharing=sharing).double()
-                      for t in ("sparse", "masked"))
-    with torch.no_grad():   # a derived set that leaves out some sources' ops in every cell
-        for net in (sparse, masked):
-            net.alpha_normal.copy_(torch.randn(net.alpha_normal.shape, generator=torch.Generator().manual_seed(3)))
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    for arch_grad in (True, False):
-        logits = [net(x, arch_grad=arch_grad) for net in (sparse, masked)]
-        torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-12)
-        for out in logits:
-            cotangent_loss(out).backward()
-        masked.drop_unused_gradients()
-        for (name, a), (_, b) in zip(_params_and_grads(masked), _params_and_grads(sparse)):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
-        assert any(g is None for _, g in _params_and_grads(sparse)), "the test needs ops left out"
-        for net in (sparse, masked):
-            net.zero_grad(set_to_none=True)
-    assert torch.equal(masked.last_masks[0], sparse.last_masks[0])
-
-
-def test_masked_transit_is_one_structure_with_no_host_read_before_a_pass():
-    net = tiny_net(seed=0, mode="entrannas", transit="masked")
-    x = torch.randn(4, 1, 8, 8)
-    keys = set()
-    for shift in range(3):     # three different derived architectures
-        with torch.no_grad():
-            net.alpha_normal[:, shift + 1] += 5.0 * (shift + 1)
-        net(x)
-        keys.add(net.last_structure.key)
-    assert len(keys) == 1 and net.derivations == 0
-    assert net.genotype().normal[0][0][0] == net.primitives[3]   # the host still derives the genotype
-    net.drop_unused_gradients()
-    assert net.derivations == 1
-
-
-@pytest.mark.parametrize("transit", ["sparse", "masked"])
-def test_a_search_that_keeps_changing_its_architecture_keeps_a_bounded_number_of_plans(transit, monkeypatch):
-    """Plans (and masked's lists of parameters to skip) are kept for the ``PLAN_CACHE`` most recently
-    derived cells; one dropped and derived again is rebuilt, with the same result."""
+def test_a_search_that_keeps_changing_its_architecture_keeps_a_bounded_number_of_plans(monkeypatch):
+    """Plans are kept for the ``PLAN_CACHE`` most recently derived cells; one dropped and derived
+    again is rebuilt, with the same result."""
     monkeypatch.setattr(supernet, "PLAN_CACHE", 2)
-    net = tiny_net(seed=0, mode="entrannas", transit=transit)
+    net = tiny_net(seed=0, mode="entrannas")
     x = torch.randn(4, 1, 8, 8)
     first = None
     for shift in (1, 2, 3, 4, 1):   # four derived architectures, then the first again (by then dropped)
@@ -444,33 +391,12 @@ def test_a_search_that_keeps_changing_its_architecture_keeps_a_bounded_number_of
             for alpha in (net.alpha_normal, net.alpha_reduce):
                 alpha.zero_()
                 alpha[:, shift] = 5.0
+        net.arch_changed()
         out = net(x)
-        net.drop_unused_gradients()
-        assert len(net._plans) <= 2 and len(net._unused) <= 2
+        assert len(net._plans) <= 2
         first = out if first is None else first
     assert torch.equal(out, first)
     assert net.genotype().normal[0][0][0] == net.primitives[1]
-
-
-def test_masked_and_sparse_searches_follow_one_trajectory():
-    """Bi-level steps whose derived structure changes every step: SGD leaves the ops outside the
-    derived set alone on both paths (no momentum, no weight decay), so they end at the same weights."""
-    from entrannas.bilevel import BilevelOptimizer
-
-    nets = [tiny_net(seed=0, mode="entrannas", transit=t).double() for t in ("sparse", "masked")]
-    opts = [BilevelOptimizer(net, tiny_config(mode="entrannas", transit=net.spec.transit, arch_lr=0.05))
-            for net in nets]
-    structures = set()
-    for step in range(5):
-        for opt in opts:
-            opt.step(tiny_batch(step, dtype=torch.float64), tiny_batch(100 + step, dtype=torch.float64),
-                     update_arch=True)
-        structures.add(tuple(m.numpy().tobytes() for m in nets[0].last_masks))
-    assert len(structures) > 2
-    for (name, a), b in zip(nets[1].named_parameters(), nets[0].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
-    states = [opt.w_optimizer.state for opt in opts]
-    assert [p in states[1] for p in nets[1].parameters()] == [p in states[0] for p in nets[0].parameters()]
 
 
 def test_top2_derivation_ranks_edges_that_float32_p_would_tie():
@@ -506,7 +432,7 @@ def test_set_architecture_makes_the_derivation_give_the_genotype(mode, tau):
         assert all(torch.equal(a, b) for a, b in zip(derived, genotype_masks(genotype, net.primitives, 4))), name
         # the structure a forward runs is the genotype's too (a new key after each change)
         net(tiny_batch(0)[0])
-        assert torch.equal(net.last_masks[0], derived[0]) and torch.equal(net.last_masks[1], derived[1])
+        assert torch.equal(net.derived.masks[0], derived[0]) and torch.equal(net.derived.masks[1], derived[1])
 
 
 def test_set_architecture_refuses_what_the_mode_cannot_derive_and_keeps_alpha():

@@ -3,16 +3,11 @@
     entrannas-tune bench --configs darts entrannas dst --layers 8 --channels 8 \\
         --batch-size 32 --image-size 16 --device cpu
 
-(also ``python benchmarks/search_step.py ...``). A configuration is a mode with its default
-placement, sharing and bottleneck ratio, optionally followed by fast-path variants joined with
-``+``: ``bf16`` (autocast), ``cl`` (channels_last), ``compile`` (torch.compile), ``graphs``
-(torch.compile with CUDA graphs, mode reduce-overhead), ``cudagraphs`` (CUDA graphs of the traced
-graphs without inductor's code generation: far quicker to build), ``autotune`` (mode max-autotune),
-``capture`` (CUDA graphs recorded from the eager kernels, no torch.compile or tracing),
-``masked`` (Transit-cells run every op weighted by the 0/1 derived mask: one structure for a whole
-search, whatever the derived architecture), ``auto`` (with ``capture`` or a compile variant: the
-masked structure's built pass until the derived one is built), ``streams`` (``op_streams: 4``: the
-ops of a source on four CUDA streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value``
+(or ``python benchmarks/bench.py ...``). A configuration is a mode with its default placement,
+sharing and bottleneck ratio, optionally followed by fast-path variants joined with ``+``: ``bf16``
+(autocast), ``cl`` (channels_last), ``graphs`` (``cuda_graphs``: each hot derived architecture's
+passes recorded as CUDA graphs), ``streams`` (``op_streams: 4``: the ops of a source on four CUDA
+streams at once), e.g. ``dst+graphs+bf16+cl``, and by ``key=value``
 parts that set any search setting for that configuration, e.g.
 ``entrannas+placement=all+bottleneck_ratio=1`` (``--set key=value`` sets one for every
 configuration; the label's win). Prints one JSON document
@@ -25,7 +20,7 @@ Ratios are only meaningful within one run.
 
 Each timed step does everything a search step does, the derivation of the structure included.
 With ``--frozen-arch`` the arch optimizer's learning rate is 0: the arithmetic is the same, but the
-derived structure cannot change while timing, as in a settled search (compiled graphs are reused).
+derived structure cannot change while timing, as in a settled search (recorded graphs are reused).
 That structure is the initial one: random for ``entrannas``, every op on every edge for ``dst``
 (its thresholds keep everything at first), which is not what a search settles on. ``--arch G`` (a
 genotype: a zoo name such as ``DARTS_V2``, a JSON file or a search directory) times the search
@@ -63,37 +58,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .bilevel import BilevelOptimizer, full_precision
-from .compiled import CAPTURE
-from .config import MODES, ConfigError, SearchConfig, check_device_support, parse_overrides, unknown_setting
-from .derive import arch_for_genotype
-from .genotype import GenotypeError
-from .ops import pool_grad_is_wrong
-from .rundir import write_text_atomic
-from .runtime import (evaluating, loss_and_correct, peak_memory_mb, reset_peak_memory, resolve_device,
-                      use_fast_kernels, where_it_ran)
-from .supernet import INITIAL_TAU, SearchNetwork, SupernetSpec
-from .zoo import load_genotype
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:   # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from entrannas.bilevel import BilevelOptimizer, full_precision  # noqa: E402
+from entrannas.config import (MODES, ConfigError, SearchConfig, check_device_support, parse_overrides,  # noqa: E402
+                              unknown_setting)
+from entrannas.derive import arch_for_genotype  # noqa: E402
+from entrannas.genotype import GenotypeError  # noqa: E402
+from entrannas.ops import pool_grad_is_wrong  # noqa: E402
+from entrannas.rundir import write_text_atomic  # noqa: E402
+from entrannas.runtime import (evaluating, loss_and_correct, peak_memory_mb, reset_peak_memory,  # noqa: E402
+                               resolve_device, use_fast_kernels, where_it_ran)
+from entrannas.supernet import INITIAL_TAU, SearchNetwork, SupernetSpec  # noqa: E402
+from entrannas.zoo import load_genotype  # noqa: E402
 
 #: Images in a CIFAR-10 search epoch (train_portion 0.5 of 50,000), for the weights and again for validation.
 STEPS_PER_EPOCH_CIFAR = 25_000
 VARIANTS = {
     "bf16": {"precision": "bf16"},
     "cl": {"channels_last": True},
-    "compile": {"compile": "default"},
-    "graphs": {"compile": "reduce-overhead"},
-    "cudagraphs": {"compile": "default", "compile_backend": "cudagraphs"},
-    "autotune": {"compile": "max-autotune"},
-    "capture": {"compile": CAPTURE},
-    "masked": {"transit": "masked"},
-    "auto": {"transit": "auto"},
+    "graphs": {"cuda_graphs": True},
     "streams": {"op_streams": 4},
 }
 
@@ -129,8 +121,8 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
     mode, *variants = label.split("+")
     if mode not in MODES:
         raise ConfigError("--configs", label, f"starts with a mode: {', '.join(MODES)}")
-    changes = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-               "compile_backend": args.compile_backend, **bench_settings(args.overrides or [], "--set")}
+    changes = {"precision": args.precision, "channels_last": args.channels_last,
+               **bench_settings(args.overrides or [], "--set")}
     for v in variants:
         if "=" in v:
             changes.update(bench_settings([v], "--configs", label))
@@ -139,12 +131,10 @@ def parse_label(label: str, args: argparse.Namespace) -> SearchConfig:
         else:
             raise ConfigError("--configs", label, f"unknown variant {v!r}; allowed: {', '.join(VARIANTS)}, "
                                                   "or key=value")
-    if changes["compile"] not in ("off", CAPTURE) and changes["compile_backend"] != "inductor":
-        changes["compile"] = "default"   # the other modes are inductor's
     fixed = dict(mode=mode, dataset="synthetic", layers=args.layers, init_channels=args.channels,
                  batch_size=args.batch_size, epochs=50)
     try:
-        return SearchConfig.from_dict({"arch_warmup_epochs": 15, "compile_after": 1, **changes, **fixed}).resolve()
+        return SearchConfig.from_dict({"arch_warmup_epochs": 15, "settle_epochs": 0, **changes, **fixed}).resolve()
     except ConfigError as e:   # say which configuration has the bad value
         raise ConfigError(e.field, e.value, f"{e.allowed} (in --configs {label})") from None
 
@@ -180,7 +170,7 @@ def _timed_validation(opt: BilevelOptimizer, batches, warmup: int, steps: int, r
                       device: torch.device) -> float:
     """Seconds per batch of a search's validation pass, as ``Search.evaluate`` runs it (eval mode, no
     autograd, the loss and the correct count summed on the device), the median of ``repeats`` blocks
-    of ``steps`` after ``warmup`` untimed passes (where a compiled or recorded pass of its kind is built)."""
+    of ``steps`` after ``warmup`` untimed passes (where a recorded pass of its kind is built)."""
     def valid_pass(i: int) -> torch.Tensor:
         x, y = batches[i % len(batches)][1]
         return loss_and_correct(opt.logits(x), y)
@@ -198,7 +188,6 @@ def _pass_result(opt: BilevelOptimizer, batch, arch_pass: bool) -> tuple[torch.T
     net.zero_grad(set_to_none=True)
     loss, logits = opt.frozen_arch_loss(*batch) if arch_pass else opt.weight_loss(*batch)
     loss.backward()
-    net.drop_unused_gradients()   # masked Transit-cells: the gradients the sparse path has
     grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
                        for _, p in _pass_parameters(net, arch_pass)])
     net.zero_grad(set_to_none=True)
@@ -285,17 +274,17 @@ def check_against_eager(opt: BilevelOptimizer, batch, other_batch=None) -> dict:
     one bf16 rounding (bf16 rounds at every layer, so expect it lower than this), and on
     ``other_batch``, how far apart the gradients of two batches are (SGD's own noise)."""
     model = opt.model
-    eager_layout = {"channels_last": False, "transit": "sparse", "op_streams": 1}   # in the spec and the config
+    eager_layout = {"channels_last": False, "op_streams": 1}   # in the spec and the config
     reference = SearchNetwork(dataclasses.replace(model.spec, **eager_layout)).to(next(model.parameters()).device)
     reference.load_state_dict(model.state_dict())
     reference.tau = model.tau
-    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", compile="off", **eager_layout))
+    plain = BilevelOptimizer(reference, opt.config.replace(precision="fp32", cuda_graphs=False, **eager_layout))
     cosine = lambda a, b: F.cosine_similarity(a, b, dim=0).item()   # noqa: E731
     x, y = batch
     rounded = (x.to(torch.bfloat16).to(x.dtype), y)
     out = {}
     for name, arch_pass in (("arch_pass", True), ("weight_pass", False)):
-        # the losses of the search step itself, so compiled graphs are reused
+        # the losses of the search step itself, so recorded graphs are reused
         fast_logits, fast_grads = _pass_result(opt, batch, arch_pass)
         logits, grads = _pass_result(plain, batch, arch_pass)
         reference_cosines = {"input_rounded_to_bf16": cosine(_pass_result(plain, rounded, arch_pass)[1], grads)}
@@ -362,11 +351,11 @@ def count_ops(step, top: int = 12) -> dict:
 
 def search_setup(config: SearchConfig, args: argparse.Namespace, device: torch.device
                  ) -> tuple[SearchNetwork, BilevelOptimizer, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
-    """The bench's super-net (seed 0, compiled as ``config`` says), its optimizer, and a function that
+    """The bench's super-net (seed 0, with CUDA graphs if ``config`` says so), its optimizer, and a function that
     makes the next random CIFAR-shaped batch (``args.batch_size``, ``args.image_size``; seed 0)."""
     torch.manual_seed(0)
     model = SearchNetwork(SupernetSpec.from_config(config, num_classes=10, in_channels=3, stem="cifar")).to(device)
-    model.compile_structures(config.compile, config.compile_backend, config.compile_after, config.compile_cache)
+    model.use_cuda_graphs(config.cuda_graphs, after=1)
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,10 +390,10 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     derivations, structures = model.derivations, set()
     blocks = []
     for _ in range(args.repeats):
-        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model.last_structure.key)),
+        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model.derived.key)),
                                    args.steps, device))
     derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
-    weight_step(0)   # the weight-only pass of the warm-up epochs (compiled here if it is a new kind)
+    weight_step(0)   # the weight-only pass of the warm-up epochs (recorded here if it is a new kind)
     warm = _timed_block(weight_step, args.steps, device)
     valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
     blocks.sort()
@@ -423,8 +412,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     validation = search_seconds(valid if initial_valid is None else initial_valid, valid)
     row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
            "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
-           "precision": config.precision, "channels_last": config.channels_last, "compile": config.compile,
-           "transit": config.transit, "op_streams": config.op_streams,
+           "precision": config.precision, "channels_last": config.channels_last, "cuda_graphs": config.cuda_graphs,
+           "op_streams": config.op_streams,
            "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
            "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
            # --arch: the weight step at the initial state, which the projection's warm-up epochs use
@@ -439,8 +428,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "projected_50_epoch_minutes_with_validation": (projected + validation) / 60,
            "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
            "genotype": model.genotype().to_dict(),   # derived at the end of timing
-           "compile_stats": dict(model.compiled.stats) if model.compiled is not None else None}
-    if args.count_ops and config.compile == "off":
+           "cuda_graph_stats": dict(model.cuda_graphs.stats) if model.cuda_graphs is not None else None}
+    if args.count_ops and not config.cuda_graphs:
         row["op_count"] = count_ops(full_step)
     if args.profile:
         row["profile"] = profile_steps(full_step, args.profile, device)
@@ -449,10 +438,8 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
     return row
 
 
-def _release(device: torch.device, compiled: bool) -> None:
-    """Free what one configuration left behind, its compiled graphs and CUDA-graph pools included."""
-    if compiled:
-        torch._dynamo.reset()
+def _release(device: torch.device) -> None:
+    """Free what one configuration left behind, its CUDA-graph pools included."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -475,8 +462,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="default for every config")
     p.add_argument("--channels-last", action="store_true", help="NHWC for every config")
-    p.add_argument("--compile", default="off", help="torch.compile mode for every config")
-    p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--frozen-arch", action="store_true", help="arch lr 0 while timing: a settled structure")
     p.add_argument("--arch", nargs="+", default=None, metavar="[MODE=]GENOTYPE",
                    help="time the search settled at this genotype (zoo name, JSON file or search directory) "
@@ -544,7 +529,7 @@ def main(argv=None) -> int:
         for label, config in zip(args.configs, configs):
             try:
                 rows.append(measure(config, label, args, device))
-            except Exception as e:   # one failing configuration (a compiler error, out of memory) spares the others
+            except Exception as e:   # one failing configuration (a recording error, out of memory) spares the others
                 traceback.print_exc()
                 rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
             _finish_row(rows, args, doc, device, config)
@@ -575,45 +560,21 @@ def _stop(signum, frame):
 
 def _finish_row(rows: list[dict], args: argparse.Namespace, doc: dict, device: torch.device,
                 config: SearchConfig) -> None:
-    """After each configuration: the ratios, the payback, the JSON so far, and its memory freed."""
+    """After each configuration: the ratios, the JSON so far, and its memory freed."""
     base = next((r for r in rows if r["config"] == "darts" and "error" not in r), None)
     for r in rows:
         if "error" not in r:
             r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
-    add_payback(rows, args.warmup)
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
-    _release(device, compiled=config.compile != "off")
-
-
-def add_payback(rows: list[dict], warmup_steps: int) -> None:
-    """For each compiled configuration timed beside its eager twin (same mode, precision, layout and
-    transit): how long building its graphs took (the warm-up beyond its steps) and after how many
-    steps at one structure that time is won back (``None`` when compiling is not faster)."""
-    # strings: a placement may be a list (rows read back from JSON), which cannot be a key
-    twin_key = lambda r: tuple(str(r.get(k)) for k in ("mode", "placement", "feature_sharing",  # noqa: E731
-                                                       "bottleneck_ratio", "precision", "channels_last",
-                                                       "transit", "op_streams"))
-    eager = {twin_key(r): r for r in rows if "error" not in r and r["compile"] == "off"}
-    for r in rows:
-        twin = eager.get(twin_key(r))
-        if "error" in r or r["compile"] == "off" or twin is None:
-            continue
-        build = max(r["warmup_seconds"] - warmup_steps * r["seconds_per_step"], 0.0)
-        saved = twin["seconds_per_step"] - r["seconds_per_step"]
-        r["compile_seconds"] = build
-        r["payback"] = {"versus": twin["config"], "saved_per_step": saved,
-                        "steps": build / saved if saved > 0 else None}
+    _release(device)
 
 
 def _command_line(argv) -> str:
     """How this bench was started: the CLI passes ``argv``; a script run leaves it to ``sys.argv``."""
     if argv is not None:
         return " ".join(["entrannas-tune bench", *argv])
-    script = sys.argv[0]
-    prog = "python -m entrannas.bench" if script.endswith(("entrannas/bench.py", "entrannas\\bench.py")) \
-        else f"python {script}"
-    return " ".join([prog, *sys.argv[1:]])
+    return " ".join([f"python {sys.argv[0]}", *sys.argv[1:]])
 
 
 def _both_passes(check: dict, key: str) -> str:
@@ -637,8 +598,8 @@ def table(rows: list[dict]) -> str:
                      f"{r['projected_50_epoch_minutes']:>12.1f} {with_valid:>8} {r['warmup_seconds']:>10.1f} "
                      f"{r['structures_while_timing']:>10}")
     lines.append("(+ valid: the 50-epoch projection with each epoch's validation pass; structures: derived "
-                 "architectures seen while timing; with compile each new one is built when first seen, as the "
-                 "bench's compile_after is 1 unless --set: use --frozen-arch for a settled search)")
+                 "architectures seen while timing; with graphs each new one is recorded when first seen: use "
+                 "--frozen-arch or --arch for a settled search)")
     settled = {r["config"]: r["arch"] for r in rows if r.get("arch")}
     if settled:
         where = ", ".join(f"{config} at {arch}" for config, arch in settled.items())
@@ -668,13 +629,6 @@ def table(rows: list[dict]) -> str:
                 f"{w['share_of_gradient']:.0%} of the gradient)" for w in worst))
             lines.append("    weight pass, cosine by block from the output back: " + ", ".join(
                 f"{b['block']} {b['cosine']:.3f}" for b in c["weight_pass"].get("by_block", ())))
-    for r in rows:
-        pay = r.get("payback")
-        if pay:
-            won = (f"won back after {pay['steps']:.0f} steps at one structure" if pay["steps"] is not None
-                   else "never won back")
-            lines.append(f"{r['config']}: {r['compile_seconds']:.1f} s to build; {pay['saved_per_step'] * 1e3:.1f} ms "
-                         f"per step saved against {pay['versus']}: {won}")
     for r in rows:
         prof = r.get("profile")
         if prof:

@@ -1,38 +1,23 @@
-"""Session 8's settled-DST gradient cosine of 0.77, reproduced on the CPU (a PyTorch kernel bug).
+"""A CPU imitation of a PyTorch kernel bug, for the tests of ``ops.AvgPool``'s way round it.
 
-    python benchmarks/pool_grad_bug.py [--without-fix] [-- BENCH ARGS...]
-
-PyTorch's CUDA backward kernel of ``avg_pool2d`` for channels_last inputs reads each input pixel's
-position without the padding offset, so with ``padding > 0`` every pixel gets the gradient of the
-windows one padding step up and to the left of its own (pytorch/pytorch#188344; the forward pass is
-right; fixed upstream in July 2026, after torch 2.11, which the H200s here run). The DST genotype
-session 8 timed has nine ``avg_pool_3x3`` edges (padding 1); DARTS_V2, which EnTranNAS was timed
-at, has none. This imitates that kernel on the CPU (``imitate_pool_grad_bug``) and runs the bench's
-check under it, by default session 8's command for the settled DST search in fp32 with
-channels_last (about 3 minutes on 2 cores). ``entrannas.ops.AvgPool`` probes for the bug and pools
-in NCHW where a device has it; ``--without-fix`` tells it the kernel is right, to see what the bug
-does. Prints the bench's JSON and table.
+PyTorch's CUDA backward kernel of ``avg_pool2d`` for channels_last inputs (up to torch 2.11) reads
+each input pixel's position without the padding offset, so with ``padding > 0`` every pixel gets the
+gradient of the windows one padding step up and to the left of its own (pytorch/pytorch#188344; the
+forward pass is right). ``imitate_pool_grad_bug`` makes the CPU's ``F.avg_pool2d`` do the same for
+channels_last inputs (the layout read from the strides, as the kernel does), and makes ``ops``'s
+probe see it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from entrannas import bench, ops
-
-#: session 8's settled run (BENCHMARKS.md), the DST configuration in fp32, channels_last, on the CPU
-SESSION_8 = ["--configs", "dst+cl", "--layers", "8", "--channels", "16", "--batch-size", "256",
-             "--image-size", "32", "--steps", "5", "--repeats", "3", "--warmup", "4", "--frozen-arch", "--check",
-             "--arch", "dst=benchmarks/genotypes/dst-digits.json", "--device", "cpu"]
-
-
+from entrannas import ops
 def padded_input_gradient(grad_out: torch.Tensor, size: tuple[int, int], kernel, stride, padding,
                           count_include_pad: bool) -> torch.Tensor:
     """What the backward pass of ``avg_pool2d`` gives every position of the zero-padded input
@@ -89,17 +74,3 @@ def imitate_pool_grad_bug():
         yield
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--without-fix", action="store_true",
-                   help="tell entrannas.ops the CPU's channels_last pool kernel is right: the bug reaches the search")
-    p.add_argument("bench_args", nargs="*", help="after --: the bench's arguments (default: session 8's run)")
-    args = p.parse_args(argv)
-    with imitate_pool_grad_bug():
-        if args.without_fix:
-            ops._POOL_GRAD_WRONG[torch.device("cpu")] = False
-        return bench.main(args.bench_args or SESSION_8)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
