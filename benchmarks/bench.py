@@ -13,7 +13,7 @@ parts that set any search setting for that configuration, e.g.
 configuration; the label's win). Prints one JSON document
 (every measured figure; also written to ``--out`` after each configuration) and a short table.
 The projected 50-epoch CIFAR-10 search counts the steps (25,000 training images an epoch, the
-warm-up epochs at the weight step alone), as the performance issue defines it, and beside it
+warm-up epochs at the weight step alone), and beside it
 (``+ valid``) the same with each epoch's validation pass over the other 25,000 images, which a
 search runs too (timed in eval mode without autograd, as ``Search.evaluate`` runs it).
 Ratios are only meaningful within one run.
@@ -387,10 +387,10 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
         initial_valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
         model.set_architecture(load_genotype(arch))
     warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
-    derivations, structures = model.derivations, set()
+    derivations, architectures = model.derivations, set()
     blocks = []
     for _ in range(args.repeats):
-        blocks.append(_timed_block(lambda i: (full_step(i), structures.add(model.derived.key)),
+        blocks.append(_timed_block(lambda i: (full_step(i), architectures.add(model.derived.key)),
                                    args.steps, device))
     derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
     weight_step(0)   # the weight-only pass of the warm-up epochs (recorded here if it is a new kind)
@@ -426,7 +426,7 @@ def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: 
            "cpu_peak_growth_mb": peak_memory_mb(torch.device("cpu")) - rss_before if device.type == "cpu" else None,
            "projected_50_epoch_minutes": projected / 60,
            "projected_50_epoch_minutes_with_validation": (projected + validation) / 60,
-           "derivations_per_step": derivations_per_step, "structures_while_timing": len(structures),
+           "derivations_per_step": derivations_per_step, "architectures_while_timing": len(architectures),
            "genotype": model.genotype().to_dict(),   # derived at the end of timing
            "cuda_graph_stats": dict(model.cuda_graphs.stats) if model.cuda_graphs is not None else None}
     if args.count_ops and not config.cuda_graphs:
@@ -585,7 +585,7 @@ def _both_passes(check: dict, key: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'+ valid':>8} "
-             f"{'warm-up s':>10} {'structures':>10}"]
+             f"{'warm-up s':>10} {'archs':>10}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
@@ -596,8 +596,8 @@ def table(rows: list[dict]) -> str:
         with_valid = f"{with_valid:.1f}" if with_valid is not None else "-"
         lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
                      f"{r['projected_50_epoch_minutes']:>12.1f} {with_valid:>8} {r['warmup_seconds']:>10.1f} "
-                     f"{r['structures_while_timing']:>10}")
-    lines.append("(+ valid: the 50-epoch projection with each epoch's validation pass; structures: derived "
+                     f"{r['architectures_while_timing']:>10}")
+    lines.append("(+ valid: the 50-epoch projection with each epoch's validation pass; archs: derived "
                  "architectures seen while timing; with graphs each new one is recorded when first seen: use "
                  "--frozen-arch or --arch for a settled search)")
     settled = {r["config"]: r["arch"] for r in rows if r.get("arch")}

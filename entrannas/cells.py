@@ -22,20 +22,20 @@ from .ops import FactorizedReduce, ReLUConvBN, ReLUFirst, build_op
 
 
 class DegenerateArchitecture(RuntimeError):
-    """A derived cell that cannot run: with finite alpha and beta this cannot happen (SPEC 4)."""
+    """A derived cell that cannot run: with finite alpha and beta this cannot happen (Eq. 8 keeps one input a node)."""
 
 
 class CellPlan:
-    """What one cell computes for one derived structure (``mask[e, k]``: op k on edge e is used).
+    """What one cell computes for one derived architecture (``mask[e, k]``: op k on edge e is used).
 
-    With feature sharing a *slot* is a source state (ops indexed by source node, SPEC 3); without it,
+    With feature sharing a *slot* is a source state (ops indexed by source node, Sec. 2.3); without it,
     a slot is an edge. An Engine-cell computes ``slot_ops[s]`` (op indices) on slot s, stacked, and
     mixes them for every node that takes the slot in one matrix product: ``mixes[m]`` is
     ``(slot, source state, lo, n_rows, n_ops)``, whose coefficients ``coef[lo:lo + n_rows * n_ops]``
     form an ``[n_rows, n_ops]`` matrix, one row per node; ``terms[j]`` lists the ``(mix, row)`` node
     j adds up. ``rows``/``cols`` index those coefficients in an ``[E, K]`` weight matrix.
 
-    A Transit-cell adds up the derived ops themselves (SPEC 2: no coefficients): ``kept[j]`` lists
+    A Transit-cell adds up the derived ops themselves (Eq. 3: no coefficients): ``kept[j]`` lists
     the ``(slot, source state, op)`` summed into node j. Summed per source first: ``groups`` are the
     distinct ``(slot, source state, ops)`` partial sums and ``node_groups[j]`` the ones node j adds
     up, so that a partial sum several nodes take (DST's dense cells: every op of a source into every
@@ -89,7 +89,7 @@ class CellPlan:
 
 def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     """A host list as a long tensor on ``device``. To a GPU through page-locked memory, without
-    waiting: a copy from pageable memory would sync, and a new derived structure builds its plans
+    waiting: a copy from pageable memory would sync, and a new derived architecture builds its plans
     inside a search step (its one sync, the derivation, has already happened)."""
     index = torch.tensor(values, dtype=torch.long)
     if device.type == "cuda":

@@ -1,11 +1,11 @@
-"""The fast path (``cuda_graphs: true``, CUDA only): each hot derived structure's passes recorded as
-CUDA graphs from the eager kernels, with ``torch.cuda.make_graphed_callables``.
+"""The fast path (``cuda_graphs: true``, CUDA only): each hot derived architecture's passes recorded
+as CUDA graphs from the eager kernels, with ``torch.cuda.make_graphed_callables``.
 
 A Transit-cell runs another graph whenever the derived architecture changes, so a recording is
-specialised to one structure and one kind of pass (arch step, weight step, evaluation; the input's
-shape and dtype). Early in a search a structure can change at every step; recording costs about one
-eager step, so a structure is recorded once it has run ``AFTER`` times in a row for one kind of pass,
-and the ``CAPACITY`` most recently used are kept. The same arithmetic as the eager pass: the tests
+specialised to one derived architecture and one kind of pass (arch step, weight step, evaluation;
+the input's shape and dtype). Early in a search the architecture can change at every step;
+recording costs about one eager step, so an architecture is recorded once it has run ``AFTER``
+times in a row for one kind of pass, and the ``CAPACITY`` most recently used are kept. The same arithmetic as the eager pass: the tests
 compare outputs, gradients and whole training trajectories.
 """
 
@@ -18,17 +18,17 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-#: Uses in a row before a structure is recorded (recording costs about one eager step).
+#: Uses in a row before a derived architecture is recorded (recording costs about one eager step).
 AFTER = 3
-#: Recorded structures kept, the most recently used.
+#: Recorded architectures kept, the most recently used.
 CAPACITY = 16
-#: Eager passes ``make_graphed_callables`` runs on its side stream before recording (the structure has
+#: Eager passes ``make_graphed_callables`` runs on its side stream before recording (the architecture has
 #: run eagerly already, so cuDNN's algorithm choice is made).
 WARMUP = 1
 
 
 class _StructurePass(nn.Module):
-    """One structure's pass as a module whose parameters are the net's, so that the graphed
+    """One derived architecture's pass as a module whose parameters are the net's, so that the graphed
     callable returns their gradients."""
 
     def __init__(self, fn: Callable, net: nn.Module, plans):
@@ -75,8 +75,8 @@ def capture_cuda_graphs(fn: Callable, net: nn.Module, plans, args: tuple, pool) 
 
 
 class CudaGraphs:
-    """Runs ``fn(structure.plans, *args)`` eagerly, or through its recorded graphs once the structure
-    is hot. ``capture`` records one pass (the tests pass a stand-in to check the policy on the CPU).
+    """Runs ``fn(derived.plans, *args)`` eagerly, or through its recorded graphs once the derived
+    architecture is hot. ``capture`` records one pass (the tests pass a stand-in to check the policy on the CPU).
     ``stats`` counts ``recorded_calls``, ``eager_calls``, ``captures``, ``evictions`` and
     ``capture_failures``."""
 
@@ -85,15 +85,15 @@ class CudaGraphs:
         if after < 1 or capacity < 1:
             raise ValueError(f"after ({after}) and capacity ({capacity}) must be >= 1")
         self.fn, self.net, self.after, self.capacity, self.capture = fn, net, after, capacity, capture
-        self._streak: dict[tuple, tuple[bytes, int]] = {}   # kind -> (structure, uses in a row)
-        # LRU: structure -> kind of pass -> its graphed pass (None where recording failed)
+        self._streak: dict[tuple, tuple[bytes, int]] = {}   # kind -> (architecture key, uses in a row)
+        # LRU: architecture key -> kind of pass -> its graphed pass (None where recording failed)
         self._graphs: OrderedDict[bytes, dict[tuple, Optional[Callable]]] = OrderedDict()
         self._pool = None
         self._params: Optional[list[nn.Parameter]] = None
         self.stats: Counter = Counter()
 
     def kind(self, args) -> tuple:
-        """What besides the structure needs another recording: the input's shape, dtype and device,
+        """What besides the architecture needs another recording: the input's shape, dtype and device,
         autograd, which inputs and parameters require gradients (the arch step freezes the weights),
         autocast, and training or evaluation mode (how batch norms normalise)."""
         if self._params is None:
@@ -103,43 +103,43 @@ class CudaGraphs:
                 torch.is_autocast_enabled(x.device.type), tuple(p.requires_grad for p in self._params),
                 self.net.training)
 
-    def __call__(self, structure, *args) -> torch.Tensor:
-        recorded = self._recorded(structure, self.kind(args), args)
+    def __call__(self, derived, *args) -> torch.Tensor:
+        recorded = self._recorded(derived, self.kind(args), args)
         if recorded is None:
             self.stats["eager_calls"] += 1
-            return self.fn(structure.plans, *args)
+            return self.fn(derived.plans, *args)
         self.stats["recorded_calls"] += 1
         return recorded(*args)
 
-    def _hot(self, structure: bytes, kind: tuple) -> bool:
-        """Counts this use; whether the structure has now run ``after`` times in a row."""
+    def _hot(self, key: bytes, kind: tuple) -> bool:
+        """Counts this use; whether the architecture ``key`` has now run ``after`` times in a row."""
         last, uses = self._streak.get(kind, (None, 0))
-        uses = uses + 1 if last == structure else 1
-        self._streak[kind] = (structure, uses)
+        uses = uses + 1 if last == key else 1
+        self._streak[kind] = (key, uses)
         return uses >= self.after
 
-    def _recorded(self, structure, kind: tuple, args) -> Optional[Callable]:
-        passes = self._graphs.get(structure.key)
+    def _recorded(self, derived, kind: tuple, args) -> Optional[Callable]:
+        passes = self._graphs.get(derived.key)
         if passes is not None:
-            self._graphs.move_to_end(structure.key)
+            self._graphs.move_to_end(derived.key)
             if kind in passes:
                 return passes[kind]   # None: recording it failed
-        if not self._hot(structure.key, kind):
+        if not self._hot(derived.key, kind):
             return None
         if passes is None:
             if len(self._graphs) >= self.capacity:
                 self._graphs.popitem(last=False)
                 self.stats["evictions"] += 1
-            passes = self._graphs[structure.key] = {}
+            passes = self._graphs[derived.key] = {}
         if self._pool is None and args[0].is_cuda:
             self._pool = torch.cuda.graph_pool_handle()
         self.stats["captures"] += 1
         try:
-            passes[kind] = self.capture(self.fn, self.net, structure.plans, args, self._pool)
+            passes[kind] = self.capture(self.fn, self.net, derived.plans, args, self._pool)
         except Exception as e:   # a pass CUDA cannot record runs eagerly; the search goes on
             passes[kind] = None
             self.stats["capture_failures"] += 1
-            warnings.warn(f"recording a derived structure's pass as CUDA graphs failed; it runs eagerly "
+            warnings.warn(f"recording a derived architecture's pass as CUDA graphs failed; it runs eagerly "
                           f"({type(e).__name__}: {e})", stacklevel=3)
         return passes[kind]
 

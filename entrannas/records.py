@@ -25,7 +25,7 @@ EPOCH_FIELDS = {
     "thresholds": "DST's t_j per node, {normal: [...], reduce: [...]}",
     "seconds": "the epoch's seconds", "valid_seconds": "the validation passes' share of them",
     "peak_memory_mb": "peak device (CUDA) or process (CPU) memory",
-    "derivations": "host reads of a derived architecture", "structures": "derived architectures the steps ran",
+    "derivations": "host reads of a derived architecture", "architectures": "derived architectures the steps ran",
     "cuda_graphs": "recorded and eager passes, with cuda_graphs",
     **{key: "where it ran" for key in WHERE_IT_RAN},
 }

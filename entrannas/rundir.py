@@ -138,8 +138,8 @@ def format_record(record: dict) -> str:
         parts.append(f"tau {record['tau']:.3f}")
     if kept:
         parts.append(f"kept n{kept['normal']} r{kept['reduce']}")
-    if "structures" in record:   # how many derived architectures the epoch's steps ran
-        parts.append(f"archs {record['structures']}")
+    if "architectures" in record:   # how many derived architectures the epoch's steps ran
+        parts.append(f"archs {record['architectures']}")
     seconds = f"{record['seconds']:.1f}s"
     if "valid_seconds" in record:   # a search epoch: its validation pass's share
         seconds += f" (valid {record['valid_seconds']:.1f}s)"

@@ -76,7 +76,8 @@ def where_it_ran(device: torch.device) -> dict:
     device, torch's version and its CPU thread count (reductions split over more threads add up
     in another order, so the same seed ends elsewhere)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(zip(WHERE_IT_RAN, (str(device), name, torch.__version__, torch.get_num_threads())))
+    # str(): torch.__version__ is a TorchVersion, which a weights-only load refuses
+    return dict(zip(WHERE_IT_RAN, (str(device), name, str(torch.__version__), torch.get_num_threads())))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -107,8 +108,10 @@ def load_checkpoint(path: os.PathLike, device: Optional[torch.device] = None) ->
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:   # torch raises several kinds (UnpicklingError, RuntimeError, EOFError)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # a refused pickle: the line that names what it holds beyond weights and plain data
+        cause = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({cause[:200]})") from None
 
 
 class EpochJob:

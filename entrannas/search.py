@@ -77,7 +77,7 @@ class Search(EpochJob):
         sums = torch.zeros(2, device=self.device)  # loss * n, correct: summed on the device, no sync
         n_train = 0
         n_steps = min(len(self.data.train), len(self.data.valid))
-        structures = set()   # derived architectures the weight steps ran (read on the host anyway)
+        architectures = set()   # derived architectures the weight steps ran (read on the host anyway)
         for step, (train_batch, valid_batch) in enumerate(zip(self.data.train, self.data.valid)):
             train_batch = tuple(t.to(self.device, non_blocking=True) for t in train_batch)
             valid_batch = tuple(t.to(self.device, non_blocking=True) for t in valid_batch)
@@ -85,7 +85,7 @@ class Search(EpochJob):
                 out = self.optimizer.step(train_batch, valid_batch, update_arch)
             except DegenerateArchitecture as e:
                 raise SearchDiverged(f"epoch {self.epoch}, step {step}: {e}; lower lr or arch_lr") from None
-            structures.add(model.derived.key)
+            architectures.add(model.derived.key)
             n = train_batch[1].shape[0]
             n_train += n
             sums += torch.stack([out["train_loss"] * n, out["train_correct"].float()])
@@ -107,7 +107,7 @@ class Search(EpochJob):
         record["valid_seconds"] = end - valid_start   # the validation pass's share of "seconds"
         # Host syncs to read a derived architecture, and recorded/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
-        record["structures"] = len(structures)
+        record["architectures"] = len(architectures)
         record["cuda_graphs"] = None if graphs is None else {
             k: model.cuda_graphs.stats[k] - graphs[k] for k in ("captures", "recorded_calls", "eager_calls")}
         self.epoch += 1

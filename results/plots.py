@@ -145,22 +145,29 @@ def learning_curves(epochs: pd.DataFrame, key: str) -> Figure:
     return fig
 
 
+def _epoch_panels(df: pd.DataFrame, order: list, key: str, panels: list[tuple[str, str]]) -> Figure:
+    """One panel per ``(column, label)``: the column per epoch, a line per value of ``key`` (band: sd
+    over its trials), each panel showing the values that have the column."""
+    fig = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (column, label) in zip(axes, panels):
+        data = df.dropna(subset=[column])
+        shown = [v for v in order if v in set(data[key])]
+        sns.lineplot(data=data, x="epoch", y=column, hue=key, style=key, errorbar="sd", ax=ax,
+                     **_line_styles(order, shown))
+        _epoch_axis(ax)
+        ax.set_ylabel(label)
+        ax.set_title(label)
+    return fig
+
+
 def trajectories(epochs: pd.DataFrame, key: str) -> Figure:
     """Temperature and mean DST thresholds t = sigmoid(beta) per epoch, per value of ``key``."""
     df, order = _categories(epochs, key)
     panels = [("tau", "temperature tau")]
     panels += [(c, f"mean threshold, {c.split('_')[1]} cell") for c in ("threshold_normal", "threshold_reduce")
                if c in df.columns and df[c].notna().any()]
-    fig = Figure(figsize=(4.5 * len(panels), 4), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (column, label) in zip(axes, panels):
-        data = df.dropna(subset=[column])
-        shown = [v for v in order if v in set(data[key])]      # thresholds: DST trials only
-        sns.lineplot(data=data, x="epoch", y=column, hue=key, style=key, errorbar="sd", ax=ax,
-                     **_line_styles(order, shown))
-        _epoch_axis(ax)
-        ax.set_ylabel(label)
-        ax.set_title(label)
+    fig = _epoch_panels(df, order, key, panels)   # thresholds: DST trials only
     fig.suptitle(f"tau and thresholds per {key}")
     return fig
 
@@ -173,15 +180,7 @@ def settling(epochs: pd.DataFrame, key: str) -> Figure:
     df["__gap"] = _percent(df, "derived_valid_error") - _percent(df, "valid_error")
     panels = [("genotype_stability", "genotype stability (share unchanged)"),
               ("__gap", "derived minus super-net valid error (points)")]
-    fig = Figure(figsize=(9, 4), layout="constrained")
-    for ax, (column, label) in zip(fig.subplots(1, 2), panels):
-        data = df.dropna(subset=[column])
-        shown = [v for v in order if v in set(data[key])]
-        sns.lineplot(data=data, x="epoch", y=column, hue=key, style=key, errorbar="sd", ax=ax,
-                     **_line_styles(order, shown))
-        _epoch_axis(ax)
-        ax.set_ylabel(label)
-        ax.set_title(label)
+    fig = _epoch_panels(df, order, key, panels)
     fig.suptitle(f"does the search settle? per {key}")
     return fig
 

@@ -412,7 +412,7 @@ MUTANTS: tuple[Mutant, ...] = (
        "        if len(failed):", "        if False:", T_RESULTS),
     _m("report-no-joint-table", "results", "no table by two swept settings together", REPORT,
        "        if len(keys) > 1:", "        if False:", T_RESULTS),
-    # -- the bench's figures (the performance issue's targets are read from them)
+    # -- the bench's figures
     _m("projection-no-warmup", "bench", "the 50-epoch projection times every epoch at the full step",
        BENCH, "+ (config.epochs - config.arch_warmup_epochs) * full_batch)",
        "+ config.epochs * full_batch)", T_BENCH),
@@ -441,7 +441,7 @@ MUTANTS: tuple[Mutant, ...] = (
        'opt.config.replace(cuda_graphs=False, **eager_layout)', T_FASTPATHS),
     _m("check-blocks-input-first", "bench", "--check's cosines per block from the input forward",
        BENCH, "    return rows[::-1]\n", "    return rows\n", T_FASTPATHS),
-    # -- the fast paths compute what the plain eager path does (the performance issue)
+    # -- the fast paths compute what the plain eager path does
     _m("channels-last-mix-transposed", "fast path", "an Engine-cell's mix in channels_last swaps H and W",
        CELLS, ".permute(0, 1, 4, 2, 3)", ".permute(0, 1, 4, 3, 2)", T_SUPERNET),
     _m("transit-group-first-op", "fast path", "a Transit-cell's per-source partial sum keeps its first op",
@@ -460,7 +460,7 @@ MUTANTS: tuple[Mutant, ...] = (
        "a recorded pass reused whether or not the weights require gradients",
        "entrannas/cuda_graphs.py", "tuple(p.requires_grad for p in self._params),", "", *T_CAPTURE),
     _m("graph-for-any-structure", "fast path", "the first recorded structure's graphs run for every structure",
-       "entrannas/cuda_graphs.py", "passes = self._graphs.get(structure.key)",
+       "entrannas/cuda_graphs.py", "passes = self._graphs.get(derived.key)",
        "passes = next(iter(self._graphs.values()), None)", *T_CAPTURE),
 )
 

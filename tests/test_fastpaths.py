@@ -73,12 +73,12 @@ def test_bench_prints_json_a_table_and_checks_each_fast_path(capsys, tmp_path):
     assert darts["speedup_vs_darts"] == 1.0
     assert entrannas["speedup_vs_darts"] == pytest.approx(darts["seconds_per_step"] / entrannas["seconds_per_step"])
     # A frozen architecture: one derivation per step (after the arch update), one structure throughout.
-    assert all(r["derivations_per_step"] == 1.0 and r["structures_while_timing"] == 1 for r in doc["results"])
+    assert all(r["derivations_per_step"] == 1.0 and r["architectures_while_timing"] == 1 for r in doc["results"])
     assert entrannas["check"]["arch_pass"]["logits_max_rel_error"] == 0.0      # the eager path itself
     assert 0 < dst["check"]["weight_pass"]["logits_max_rel_error"] < 0.1       # bf16: close, not equal
     assert dst["check"]["arch_pass"]["grad_cosine"] > 0.9
     assert "s/step" in captured.err and "x darts" in captured.err and "dst+bf16" in captured.err
-    # The projection: ceil(25,000 / batch) steps an epoch, the 15 warm-up epochs at the
+    # The projection: ceil(25,000 / batch) steps an epoch, the 15 warm-up epochs at the
     # weight-only step, the other 35 at the full step, which is the median block; beside it, the same
     # with a validation pass over as many batches in each of the 50 epochs.
     for r in doc["results"]:
@@ -299,7 +299,7 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
     rows = json.loads(captured.out)["results"]
     for r in rows:
         wanted = DST_GENOTYPE if r["mode"] == "dst" else genotype
-        assert r["arch"] == str(wanted) and r["structures_while_timing"] == 1
+        assert r["arch"] == str(wanted) and r["architectures_while_timing"] == 1
         timed, prims = Genotype.from_dict(r["genotype"]), (DST_PRIMS if r["mode"] == "dst" else DARTS_PRIMITIVES)
         assert all(torch.equal(a, b) for a, b in zip(genotype_masks(timed, prims, 4),
                                                      genotype_masks(load_genotype(str(wanted)), prims, 4)))

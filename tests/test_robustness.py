@@ -331,3 +331,20 @@ def test_every_shipped_spec_runs_shrunk_on_a_small_cifar_copy(path, tmp_path):
     for item in shrink:
         args += ["--set", item]
     assert main(args) == 0
+
+
+def test_what_a_search_and_a_trial_checkpoint_loads_weights_only(tmp_path):
+    """A search's state and a trial's (the search's, and its last metrics, which name where it ran)
+    hold tensors and plain data only, so that a weights-only load reads them back."""
+    from entrannas.records import trial_metrics
+    from entrannas.runtime import load_checkpoint, save_atomic
+    from entrannas.search import Search
+
+    from conftest import tiny_config
+
+    search = Search(tiny_config(dataset="digits", subset_fraction=0.1, epochs=2, arch_warmup_epochs=0))
+    record = search.run_epoch()
+    state = {"stage": "search", "search": search.state_dict(), "last": trial_metrics(record)}
+    save_atomic(state, tmp_path / "trial.pt")
+    back = load_checkpoint(tmp_path / "trial.pt")
+    assert back["last"] == state["last"] and back["search"]["epoch"] == 1

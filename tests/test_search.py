@@ -124,11 +124,11 @@ def test_an_epoch_derives_the_structure_once_per_step_and_never_in_warm_up():
     assert warm["derivations"] == 1                 # tau's value at the epoch's start, then none
     assert searching["derivations"] == steps + 1    # + the new tau at the start
     assert warm["cuda_graphs"] is None
-    assert warm["structures"] == 1 <= searching["structures"] <= steps
+    assert warm["architectures"] == 1 <= searching["architectures"] <= steps
 
 
 def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
-    """The record's ``structures``: one per derived architecture the weight steps ran, the same with
+    """The record's ``architectures``: one per derived architecture the weight steps ran, the same with
     recorded passes (a stand-in recorder on the CPU), whose record says how many passes were recorded."""
     records = []
     for graphs in (False, True):
@@ -137,8 +137,8 @@ def test_an_epoch_counts_the_derived_architectures_its_steps_ran():
             search.model.use_cuda_graphs(after=2, capture=record_as_is)
         seen = []
         record = search.run_epoch(on_step=lambda i, n, s=search, into=seen: into.append(s.model.derived.key))
-        assert record["structures"] == len(set(seen)) > 1 and None not in seen
-        records.append((record["structures"], seen))
+        assert record["architectures"] == len(set(seen)) > 1 and None not in seen
+        records.append((record["architectures"], seen))
     assert records[0] == records[1]
     assert record["cuda_graphs"]["eager_calls"] > 0 and record["cuda_graphs"]["captures"] >= 1
 
