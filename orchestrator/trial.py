@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +48,9 @@ def _save_config(search_config: SearchConfig, eval_config: Optional[EvalConfig])
     """The trial's resolved settings beside its results (``config.yaml`` in its directory), so that a
     report reads what ran instead of stating the defaults again."""
     resolved = {"search": search_config.to_dict(), "evaluate": eval_config.to_dict() if eval_config else None}
-    trial_dir = tune.get_context().get_trial_dir()
+    with warnings.catch_warnings():   # outside a Tuner (a test calling the trial) there is no directory
+        warnings.simplefilter("ignore")
+        trial_dir = tune.get_context().get_trial_dir()
     if trial_dir:
         write_text_atomic(Path(trial_dir) / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
 
