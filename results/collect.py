@@ -138,7 +138,7 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "genotype": json.dumps(genotype) if genotype else None,
             "search_seconds": search_s, "eval_seconds": eval_s,
             "gpu_hours": ((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600 if gpu or eval_gpu else None,
-            "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in search_rows), default=None),
+            "peak_memory_mb": _peak(search_rows),
             "error": _error_text(trial_dir, rows) if status in ("failed", "diverged") else None,
         }
         row.update(genotype_summary(genotype))
@@ -146,6 +146,11 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         for r in search_rows:
             epochs.append(_epoch_row(row, r))
     return trials, epochs
+
+
+def _peak(records: list[dict]) -> Optional[float]:
+    """The largest peak memory of the records that measured one (none: a random-mode search)."""
+    return max((r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None), default=None)
 
 
 def _rise_from_best(errors: list) -> Optional[float]:
@@ -203,7 +208,7 @@ def _single_run(path: Path, kind: str) -> tuple[list[dict], list[dict]]:
         "search_seconds": seconds if kind == "search" else None,
         "eval_seconds": seconds if kind == "evaluate" else None,
         "gpu_hours": seconds / 3600 if history and "cuda" in str(history[-1].get("device", "")) else None,
-        "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in history), default=None),
+        "peak_memory_mb": _peak(history),
         "error": None,
     }
     row.update(genotype_summary(genotype))

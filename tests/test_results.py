@@ -423,3 +423,13 @@ def test_a_trials_cost_is_the_network_its_evaluation_trained_and_the_standard_on
     assert (row["params_m"], row["multiply_adds_m"]) == (0.19, 4.5)
     assert row["standard_params_m"] == pytest.approx(3.349342)
     assert "params, evaluated net (M)" in VALUES["params_m"][0] and "standard" in VALUES["standard_params_m"][0]
+
+
+def test_a_random_mode_run_reads_as_a_trial_with_a_genotype_and_no_measurements(tmp_path):
+    """mode: random trains nothing: its row has the genotype and kept connections, and no valid error,
+    stability or peak memory (not a zero that reads as a measurement)."""
+    run = tmp_path / "random"
+    assert main(["search", "--set", "mode=random", "--set", "seed=2", "--out", str(run)]) == 0
+    row = load([run], with_cost=False)[0].iloc[0]
+    assert (row["mode"], row["status"], row["kept_total"]) == ("random", "done", 16)
+    assert pd.isna(row["valid_error"]) and pd.isna(row["peak_memory_mb"]) and pd.isna(row["genotype_stability"])
