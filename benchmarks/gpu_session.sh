@@ -7,14 +7,14 @@
 #   3. search: a short CLI search with the fast settings (records, validation, checkpoints).
 # Run where a device is lent, e.g. through the device tool:  bash benchmarks/gpu_session.sh
 # A dry run on the CPU checks the script, not the figures (CUDA graphs and op streams need CUDA):
-#   DEVICE=cpu FAST="" SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" \
+#   DEVICE=cpu FAST=+cl SIZE="--layers 3 --channels 4 --batch-size 8 --image-size 8" \
 #   SEARCH_SIZE="--set layers=3 --set init_channels=4" PY=.venv/bin/python OUT=/tmp/dry bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-$(command -v python || command -v python3)}
 SIZE=${SIZE:---layers 8 --channels 16 --batch-size 256 --image-size 32}
-FAST=${FAST:-+graphs+bf16+cl+streams}   # the fast settings, as bench variants
+FAST=${FAST-+graphs+bf16+cl+streams}   # the fast settings, as bench variants
 ARCH=${ARCH:-DARTS_V2 dst=benchmarks/genotypes/dst-digits.json}
 SEARCH_SIZE=${SEARCH_SIZE:-}
 mkdir -p "$OUT"
