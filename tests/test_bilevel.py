@@ -204,3 +204,17 @@ def test_an_op_switched_in_by_a_transit_cell_starts_training():
     before = weight.detach().clone()
     opt.step(tiny_batch(2), tiny_batch(3), update_arch=False)
     assert not torch.equal(weight, before) and "momentum_buffer" in opt.w_optimizer.state[weight]
+
+
+def test_after_an_arch_step_the_passes_run_the_architecture_derived_from_the_new_alpha():
+    """The optimiser derives after each architecture step: the weight step that follows, and the
+    next arch step, run what the updated alpha derives, not what the first pass derived."""
+    net = tiny_net(mode="entrannas")
+    opt = BilevelOptimizer(net, tiny_config(mode="entrannas", arch_lr=0.5))
+    seen = []
+    for step in range(4):
+        opt.step(tiny_batch(step), tiny_batch(100 + step), update_arch=True)
+        fresh = net.derived_masks()
+        assert all(torch.equal(a, b) for a, b in zip(net.derived.masks, fresh))
+        seen.append(fresh[0].numpy().tobytes() + fresh[1].numpy().tobytes())
+    assert len(set(seen)) > 1, "alpha moved the derived architecture"

@@ -179,7 +179,7 @@ def test_a_directory_that_holds_a_run_is_refused_without_resume_and_kept(tmp_pat
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
 
 
-def test_evaluate_reports_the_last_and_the_best_epochs_test_error(tmp_path, capsys, monkeypatch):
+def test_evaluate_reports_the_last_epochs_test_error_only(tmp_path, capsys, monkeypatch):
     errors = iter([0.4, 0.2, 0.3])
 
     def epoch_without_training(self, on_step=None):
