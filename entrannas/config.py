@@ -27,9 +27,8 @@ PLACEMENT_PRESETS = ("first", "last", "all")
 PRECISIONS = ("fp32", "bf16")
 
 
-#: Training images and classes of the in-memory datasets (CIFAR as torchvision ships it).
-TRAIN_IMAGES = {"digits": (1500, 10), "noisy_digits": (1500, 10), "synthetic": (2048, 10),
-                "cifar10": (50000, 10), "cifar100": (50000, 100)}
+#: Training images of the in-memory datasets (CIFAR as torchvision ships it); classes: data.DATA_INFO.
+TRAIN_IMAGES = {"digits": 1500, "noisy_digits": 1500, "synthetic": 2048, "cifar10": 50000, "cifar100": 50000}
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 #: Unless set, the last fifth of a search's epochs (rounded down) are settling epochs (docs/method.md).
@@ -231,7 +230,9 @@ class SearchConfig(FlatConfig):
         least as many images as there are classes (an empty one would fail after an epoch)."""
         if self.dataset not in TRAIN_IMAGES:
             return
-        images, classes = TRAIN_IMAGES[self.dataset]
+        from .data import DATA_INFO   # data imports this module for its folder names
+
+        images, classes = TRAIN_IMAGES[self.dataset], DATA_INFO[self.dataset].num_classes
         for share, what in ((self.train_portion, "weights"), (1 - self.train_portion, "architecture")):
             n = int(images * share * self.subset_fraction)
             if n < classes:

@@ -13,7 +13,7 @@ from .bilevel import BilevelOptimizer
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
-from .genotype import Genotype, random_genotype
+from .genotype import Genotype, genotype_from_masks, random_genotype
 from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
                       rng_state, seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
 from .supernet import DegenerateArchitecture, SearchNetwork, SupernetSpec
@@ -123,7 +123,8 @@ class Search(EpochJob):
 
     def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
         m = self.model
-        genotype = m.genotype()
+        # what the epoch's last steps ran: derive() read it after the last arch step, no second read
+        genotype = genotype_from_masks(*(m.derived or m.derive()).masks, m.primitives, m.spec.nodes)
         thr = None
         if m.beta_normal is not None:
             thr = {"normal": thresholds(m.beta_normal.detach()).tolist(),
