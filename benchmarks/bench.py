@@ -365,77 +365,131 @@ def search_setup(config: SearchConfig, args: argparse.Namespace, device: torch.d
     return model, BilevelOptimizer(model, config), batch
 
 
-def measure(config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device) -> dict:
-    model, opt, batch = search_setup(config, args, device)
-    arch = arch_of(args.arch, config.mode)
-    if args.frozen_arch or arch:
-        for group in (g for o in opt.arch_optimizers() for g in o.param_groups):
-            group["lr"] = 0.0
-    batches = [(batch(), batch()) for _ in range(4)]
-    full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
-    weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
+class _Memory:
+    """The CUDA memory one configuration uses while others stay allocated beside it (configurations
+    are timed in turns): its peak above what was allocated when it began, plus what it holds itself."""
 
-    reset_peak_memory(device)
-    rss_before = peak_memory_mb(torch.device("cpu"))   # the process's resident peak so far
-    initial_warm = initial_valid = None
-    if arch:
-        # The warm-up epochs run weight steps at the initial state, whatever the search settles on
-        # (their memory counts in the peak too).
-        for i in range(args.warmup):
-            weight_step(i)
-        initial_warm = _timed_block(weight_step, args.steps, device)
-        initial_valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
-        model.set_architecture(load_genotype(arch))
-    warmup_seconds = _timed_block(full_step, args.warmup, device) * args.warmup
-    derivations, architectures = model.derivations, set()
-    blocks = []
-    for _ in range(args.repeats):
-        blocks.append(_timed_block(lambda i: (full_step(i), architectures.add(model.derived.key)),
-                                   args.steps, device))
-    derivations_per_step = (model.derivations - derivations) / (args.repeats * args.steps)
-    weight_step(0)   # the weight-only pass of the warm-up epochs (recorded here if it is a new kind)
-    warm = _timed_block(weight_step, args.steps, device)
-    valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
-    blocks.sort()
-    per_step = statistics.median_high(blocks)
-    steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device, self.held, self.peak = device, 0, 0
 
-    def search_seconds(warmup_batch: float, full_batch: float) -> float:
-        """Seconds of a search's epochs, ``steps`` batches each: ``warmup_batch`` seconds a batch in the
-        warm-up epochs, ``full_batch`` in the others."""
-        return steps * (config.arch_warmup_epochs * warmup_batch
-                        + (config.epochs - config.arch_warmup_epochs) * full_batch)
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
 
-    projected = search_seconds(warm if initial_warm is None else initial_warm, per_step)
-    # Every epoch ends with a validation pass over the other 25,000 images (the warm-up epochs' at
-    # the initial state, as their steps).
-    validation = search_seconds(valid if initial_valid is None else initial_valid, valid)
-    row = {"config": label, "arch": arch, "mode": config.mode, "placement": config.placement,
-           "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
-           "precision": config.precision, "channels_last": config.channels_last, "cuda_graphs": config.cuda_graphs,
-           "op_streams": config.op_streams,
-           "seconds_per_step": per_step, "seconds_per_step_blocks": blocks,
-           "seconds_per_warmup_step": warm, "warmup_seconds": warmup_seconds,
-           # --arch: the weight step at the initial state, which the projection's warm-up epochs use
-           "seconds_per_warmup_step_initial": initial_warm,
-           "seconds_per_valid_batch": valid, "seconds_per_valid_batch_initial": initial_valid,
-           "peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,  # CPU: only process-wide
-           "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
-           # CPU: how far the steps raised the process's resident peak (the model, the batches and
-           # the imports were there before); per configuration only when it runs alone in a process.
-           "cpu_peak_growth_mb": peak_memory_mb(torch.device("cpu")) - rss_before if device.type == "cpu" else None,
-           "projected_50_epoch_minutes": projected / 60,
-           "projected_50_epoch_minutes_with_validation": (projected + validation) / 60,
-           "derivations_per_step": derivations_per_step, "architectures_while_timing": len(architectures),
-           "genotype": model.genotype().to_dict(),   # derived at the end of timing
-           "cuda_graph_stats": dict(model.cuda_graphs.stats) if model.cuda_graphs is not None else None}
-    if args.count_ops and not config.cuda_graphs:
-        row["op_count"] = count_ops(full_step)
-    if args.profile:
-        row["profile"] = profile_steps(full_step, args.profile, device)
-    if args.check:
-        row["check"] = check_against_eager(opt, batches[0][1], batches[1][1])
-    return row
+    def begin(self) -> int:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self.allocated()
+
+    def end(self, start: int, own_at_start: int) -> None:
+        """After a phase that began with ``start`` bytes allocated, ``own_at_start`` of them this
+        configuration's."""
+        if self.cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - start + own_at_start)
+
+
+class Timed:
+    """One configuration, built and warmed up, then timed a block of ``--steps`` steps at a time: the
+    bench times the configurations in turns (A B C A B C ...), so that a change in the machine's
+    load falls on all of them alike. Each block records wall time and the process's CPU time."""
+
+    def __init__(self, config: SearchConfig, label: str, args: argparse.Namespace, device: torch.device):
+        self.config, self.label, self.args, self.device = config, label, args, device
+        self.memory = _Memory(device)
+        start = self.memory.begin()
+        model, opt, batch = search_setup(config, args, device)
+        self.model, self.opt = model, opt
+        self.arch = arch_of(args.arch, config.mode)
+        if args.frozen_arch or self.arch:
+            for group in (g for o in opt.arch_optimizers() for g in o.param_groups):
+                group["lr"] = 0.0
+        self.batches = batches = [(batch(), batch()) for _ in range(4)]
+        self.full_step = lambda i: opt.step(*batches[i % 4], update_arch=True)      # noqa: E731
+        self.weight_step = lambda i: opt.step(*batches[i % 4], update_arch=False)   # noqa: E731
+        self.initial_warm = self.initial_valid = None
+        if self.arch:
+            # The warm-up epochs run weight steps at the initial state, whatever the search settles on
+            # (their memory counts in the peak too).
+            for i in range(args.warmup):
+                self.weight_step(i)
+            self.initial_warm = _timed_block(self.weight_step, args.steps, device)
+            self.initial_valid = _timed_validation(opt, batches, args.warmup, args.steps, args.repeats, device)
+            model.set_architecture(load_genotype(self.arch))
+        self.warmup_seconds = _timed_block(self.full_step, args.warmup, device) * args.warmup
+        self.memory.end(start, 0)
+        self.memory.held = self.memory.allocated() - start
+        self.derivations, self.architectures = model.derivations, set()
+        self.blocks: list[float] = []
+        self.cpu_blocks: list[float] = []
+
+    def _step(self, i: int) -> None:
+        self.full_step(i)
+        self.architectures.add(self.model.derived.key)
+
+    def block(self) -> None:
+        """One timed block: seconds a step, in wall time and in the process's CPU time (every thread's)."""
+        start = self.memory.begin()
+        cpu = time.process_time()
+        self.blocks.append(_timed_block(self._step, self.args.steps, self.device))
+        self.cpu_blocks.append((time.process_time() - cpu) / self.args.steps)
+        self.memory.end(start, self.memory.held)
+
+    def row(self) -> dict:
+        """The configuration's figures, after its blocks (the passes measured here come after them)."""
+        config, args, device, model, opt = self.config, self.args, self.device, self.model, self.opt
+        derivations_per_step = (model.derivations - self.derivations) / (len(self.blocks) * args.steps)
+        start = self.memory.begin()
+        self.weight_step(0)   # the weight-only pass of the warm-up epochs (recorded here if it is a new kind)
+        warm = _timed_block(self.weight_step, args.steps, device)
+        valid = _timed_validation(opt, self.batches, args.warmup, args.steps, args.repeats, device)
+        self.memory.end(start, self.memory.held)
+        per_step = statistics.median_high(self.blocks)
+        cpu_per_step = statistics.median_high(self.cpu_blocks)
+        steps = -(-STEPS_PER_EPOCH_CIFAR // args.batch_size)
+
+        def search_seconds(warmup_batch: float, full_batch: float) -> float:
+            """Seconds of a search's epochs, ``steps`` batches each: ``warmup_batch`` seconds a batch in the
+            warm-up epochs, ``full_batch`` in the others."""
+            return steps * (config.arch_warmup_epochs * warmup_batch
+                            + (config.epochs - config.arch_warmup_epochs) * full_batch)
+
+        projected = search_seconds(warm if self.initial_warm is None else self.initial_warm, per_step)
+        # Every epoch ends with a validation pass over the other 25,000 images (the warm-up epochs' at
+        # the initial state, as their steps).
+        validation = search_seconds(valid if self.initial_valid is None else self.initial_valid, valid)
+        row = {"config": self.label, "arch": self.arch, "mode": config.mode, "placement": config.placement,
+               "feature_sharing": config.feature_sharing, "bottleneck_ratio": config.bottleneck_ratio,
+               "precision": config.precision, "channels_last": config.channels_last,
+               "cuda_graphs": config.cuda_graphs, "op_streams": config.op_streams,
+               # the median over the rounds, their spread ((max - min) / median), and each round's
+               "seconds_per_step": per_step, "seconds_per_step_spread": _spread(self.blocks),
+               "seconds_per_step_blocks": self.blocks,
+               "cpu_seconds_per_step": cpu_per_step, "cpu_seconds_per_step_spread": _spread(self.cpu_blocks),
+               "cpu_seconds_per_step_blocks": self.cpu_blocks,
+               "seconds_per_warmup_step": warm, "warmup_seconds": self.warmup_seconds,
+               # --arch: the weight step at the initial state, which the projection's warm-up epochs use
+               "seconds_per_warmup_step_initial": self.initial_warm,
+               "seconds_per_valid_batch": valid, "seconds_per_valid_batch_initial": self.initial_valid,
+               # CUDA: this configuration's own peak (the others' memory left out); the CPU has only
+               # the process's, which the end-to-end benchmark gives per configuration
+               "peak_memory_mb": self.memory.peak / 2**20 if device.type == "cuda" else None,
+               "projected_50_epoch_minutes": projected / 60,
+               "projected_50_epoch_minutes_with_validation": (projected + validation) / 60,
+               "derivations_per_step": derivations_per_step, "architectures_while_timing": len(self.architectures),
+               "genotype": model.genotype().to_dict(),   # derived at the end of timing
+               "cuda_graph_stats": dict(model.cuda_graphs.stats) if model.cuda_graphs is not None else None}
+        if args.count_ops and not config.cuda_graphs:
+            row["op_count"] = count_ops(self.full_step)
+        if args.profile:
+            row["profile"] = profile_steps(self.full_step, args.profile, device)
+        if args.check:
+            row["check"] = check_against_eager(opt, self.batches[0][1], self.batches[1][1])
+        return row
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median: how far apart the rounds of one configuration were."""
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def _release(device: torch.device) -> None:
@@ -477,7 +531,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a search setting for every config (placement, feature_sharing, bottleneck_ratio, "
                         "arch_warmup_epochs, ...); MODE+KEY=VALUE in --configs sets one config's")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on the CPU: 1)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after each config)")
     return p
 
@@ -505,8 +559,11 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"entrannas-tune bench: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # CPU timings on a fixed thread count (1 unless --threads): torch's default follows the cores
+    # the machine reports, and a shared machine's second core is not the bench's to count on
+    threads, previous_threads = args.threads or (1 if device.type == "cpu" else None), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     use_fast_kernels(device)
     if not args.tf32:
         torch.backends.cudnn.allow_tf32 = False
@@ -526,13 +583,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        for label, config in zip(args.configs, configs):
-            try:
-                rows.append(measure(config, label, args, device))
-            except Exception as e:   # one failing configuration (a recording error, out of memory) spares the others
-                traceback.print_exc()
-                rows.append({"config": label, "error": f"{type(e).__name__}: {e}"})
-            _finish_row(rows, args, doc, device, config)
+        run_in_turns(args, configs, device, rows, doc)
     except (KeyboardInterrupt, _Stopped) as e:
         how, exit_status = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("stopped (SIGTERM)", 143)
         doc["stopped"] = f"{how} after {len(rows)} of {len(configs)} configurations"
@@ -541,12 +592,41 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(previous_threads)   # a caller in the same process keeps its own
     print(json.dumps(doc, indent=2))
     print(table(rows), file=sys.stderr)
     if exit_status is not None:   # 128 + the signal's number
         print(f"entrannas-tune bench: {doc['stopped']}", file=sys.stderr)
         return exit_status
     return 1 if any("error" in r for r in rows) else 0
+
+
+def run_in_turns(args: argparse.Namespace, configs: list[SearchConfig], device: torch.device, rows: list[dict],
+                 doc: dict) -> None:
+    """Build and warm up every configuration, time them in ``--repeats`` rounds of one block each
+    (A B C A B C ...), then add a row per configuration to ``rows`` in ``--configs`` order. A
+    configuration that fails (a recording error, out of memory) gets an error row and spares the others."""
+    timed: list = []
+    for label, config in zip(args.configs, configs):
+        timed.append(_try(lambda: Timed(config, label, args, device), label))
+    for _ in range(args.repeats):
+        for i, t in enumerate(timed):
+            if isinstance(t, Timed):
+                timed[i] = _try(lambda: (t.block(), t)[1], t.label)
+    for i, config in enumerate(configs):
+        t, timed[i] = timed[i], None   # its memory is freed after its row
+        rows.append(_try(t.row, t.label) if isinstance(t, Timed) else t)
+        del t
+        _finish_row(rows, args, doc, device, config)
+
+
+def _try(make, label: str):
+    """``make()``, or an error row for ``label`` (its traceback printed)."""
+    try:
+        return make()
+    except Exception as e:
+        traceback.print_exc()
+        return {"config": label, "error": f"{type(e).__name__}: {e}"}
 
 
 class _Stopped(BaseException):
@@ -565,6 +645,8 @@ def _finish_row(rows: list[dict], args: argparse.Namespace, doc: dict, device: t
     for r in rows:
         if "error" not in r:
             r["speedup_vs_darts"] = base["seconds_per_step"] / r["seconds_per_step"] if base else None
+            r["speedup_vs_darts_cpu_time"] = (base["cpu_seconds_per_step"] / r["cpu_seconds_per_step"]
+                                              if base else None)
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(doc, indent=2) + "\n")
     _release(device)
@@ -584,19 +666,23 @@ def _both_passes(check: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'config':<28} {'s/step':>8} {'x darts':>8} {'peak MB':>9} {'50 ep (min)':>12} {'+ valid':>8} "
-             f"{'warm-up s':>10} {'archs':>10}"]
+    lines = [f"{'config':<28} {'s/step':>8} {'spread':>7} {'x darts':>8} {'x cpu t':>8} {'peak MB':>9} "
+             f"{'50 ep (min)':>12} {'+ valid':>8} {'warm-up s':>10} {'archs':>10}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['config']:<28} failed: {r['error'][:80]}")
             continue
         speed = f"{r['speedup_vs_darts']:.2f}" if r.get("speedup_vs_darts") else "-"
+        cpu_speed = f"{r['speedup_vs_darts_cpu_time']:.2f}" if r.get("speedup_vs_darts_cpu_time") else "-"
+        spread = f"{100 * r['seconds_per_step_spread']:.0f}%" if r.get("seconds_per_step_spread") is not None else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         with_valid = r.get("projected_50_epoch_minutes_with_validation")   # a row built elsewhere may lack it
         with_valid = f"{with_valid:.1f}" if with_valid is not None else "-"
-        lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {speed:>8} {peak:>9} "
+        lines.append(f"{r['config']:<28} {r['seconds_per_step']:>8.3f} {spread:>7} {speed:>8} {cpu_speed:>8} {peak:>9} "
                      f"{r['projected_50_epoch_minutes']:>12.1f} {with_valid:>8} {r['warmup_seconds']:>10.1f} "
                      f"{r['architectures_while_timing']:>10}")
+    lines.append("(s/step: the median of the rounds, in which the configurations took turns; spread: (max - min) / "
+                 "median over the rounds; x cpu t: the speed-up in process CPU time)")
     lines.append("(+ valid: the 50-epoch projection with each epoch's validation pass; archs: derived "
                  "architectures seen while timing; with graphs each new one is recorded when first seen: use "
                  "--frozen-arch or --arch for a settled search)")

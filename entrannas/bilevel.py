@@ -23,6 +23,11 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+#: Settings a search can change between epochs and continue from its checkpoint (read at each step,
+#: or re-applied by ``load_state_dict``): what population-based training may perturb.
+MUTABLE_SETTINGS = ("arch_lr", "beta_lr", "arch_weight_decay", "lambda_")
+
+
 class BilevelOptimizer:
     #: Finite-difference radius of the unrolled step's Hessian term, over the norm of the vector (DARTS).
     fd_radius = 0.01
@@ -186,8 +191,15 @@ class BilevelOptimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the optimizers' state; the architecture step's settings (``MUTABLE_SETTINGS``)
+        are this optimizer's config, not the checkpoint's, so that a run continued with other values
+        of them (population-based training) uses the new ones."""
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.w_scheduler.load_state_dict(state["w_scheduler"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
+        for group in self.a_optimizer.param_groups:
+            group.update(lr=self.config.arch_lr, weight_decay=self.config.arch_weight_decay)
         if self.b_optimizer is not None:
             self.b_optimizer.load_state_dict(state["b_optimizer"])
+            for group in self.b_optimizer.param_groups:
+                group["lr"] = self.config.beta_lr

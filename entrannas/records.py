@@ -30,7 +30,7 @@ EPOCH_FIELDS = {
     **{key: "where it ran" for key in WHERE_IT_RAN},
 }
 #: Trial statuses, as the sweep's summary and the report show them.
-STATUSES = ("done", "failed", "diverged", "running")
+STATUSES = ("done", "stopped", "failed", "diverged", "running")
 
 
 def valid_error(record: dict) -> Optional[float]:
@@ -57,6 +57,7 @@ def trial_metrics(record: dict) -> dict:
         **{key: record.get(key) for key in ("epoch", "seed", "tau", "train_loss", "train_acc", "valid_loss",
                                             "valid_acc", "derived_valid_acc", "supernet_gap", "genotype_stability")},
         "valid_error": valid_error(record),
+        "derived_valid_error": search_quality(record)["derived_valid_error"],
         "genotype": json.dumps(record["genotype"]),
         "kept_normal": record["kept_connections"]["normal"],
         "kept_reduce": record["kept_connections"]["reduce"],
@@ -70,9 +71,13 @@ def trial_metrics(record: dict) -> dict:
 
 def trial_status(last: dict, errored: bool) -> str:
     """A trial's status from its last reported metrics and whether Tune recorded an error: the one
-    rule for the report (from the files) and the sweep's closing summary (from Tune's results)."""
+    rule for the report (from the files) and the sweep's closing summary (from Tune's results).
+
+    A trial reports ``finished`` with every result (true at its last epoch); Tune sets ``done`` on
+    the last result of a trial that ends, so ``done`` without ``finished`` is a trial a scheduler
+    stopped early (``stopped``)."""
     if last.get("diverged"):
         return "diverged"
     if last.get("done"):
-        return "done"
+        return "done" if last.get("finished", True) else "stopped"
     return "failed" if errored else "running"

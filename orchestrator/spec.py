@@ -13,7 +13,9 @@ evaluate: {epochs: 600}                      # optional: train each final genoty
 ```
 
 ``sweep`` may also be a list of such mappings: the union of their grids (e.g. DARTS and EnTranNAS
-once each, DST at several lambdas).
+once each, DST at several lambdas). Sampled settings, search algorithms, schedulers and loggers
+(``sample``, ``num_samples``, ``search_alg``, ``metric``, ``mode``, ``scheduler``, ``loggers``) are
+described in ``orchestrator/tuning.py`` and docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ import yaml
 from entrannas.config import (PATH_SETTINGS, ConfigError, EvalConfig, SearchConfig, absolute_path, parse_overrides,
                               read_yaml, unknown_setting, yaml_error)
 
-TOP_KEYS = ("name", "base", "sweep", "resources", "max_concurrent", "max_failures", "evaluate")
+from .tuning import TuneSpecError, check_distribution, check_tune_sections, values_to_check
+
+TUNE_KEYS = ("num_samples", "search_alg", "metric", "mode", "scheduler", "loggers")
+TOP_KEYS = ("name", "base", "sweep", "sample", "resources", "max_concurrent", "max_failures", "evaluate", *TUNE_KEYS)
 RESOURCE_KEYS = ("cpu", "gpu")
 #: evaluation settings a trial takes from its search unless the spec's evaluate section sets them
 INHERITED_BY_EVALUATION = ("dataset", "data_dir", "download", "seed", "device", "num_workers")
@@ -50,6 +55,8 @@ class SweepSpec:
     max_concurrent: Optional[int] = None
     max_failures: int = 2
     evaluate: Optional[dict] = None
+    sample: dict = field(default_factory=dict)     # setting -> {distribution: [args]}
+    tuning: dict = field(default_factory=lambda: check_tune_sections({}, [], 1, False))
 
     # -- grid -----------------------------------------------------------------------------------
     def points(self) -> list[dict]:
@@ -62,6 +69,23 @@ class SweepSpec:
                 if point not in out:
                     out.append(point)
         return out or [{}]
+
+    @property
+    def num_samples(self) -> int:
+        return self.tuning["num_samples"]
+
+    def trial_count(self) -> int:
+        """Trials the sweep runs: num_samples draws of the sampled settings at every grid point."""
+        return len(self.points()) * self.num_samples
+
+    def epochs_per_trial(self) -> int:
+        """Reports (epochs) of the longest trial: its search, then its evaluation."""
+        most = 0
+        for point in self.points():
+            search = self.search_config(point)
+            evaluation = self.eval_config(search)
+            most = max(most, (1 if search.mode == "random" else search.epochs) + (evaluation.epochs if evaluation else 0))
+        return most
 
     def swept_keys(self) -> list[str]:
         """The settings whose value differs between trials, in spec order."""
@@ -93,7 +117,19 @@ class SweepSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "sweep": self.sweep, "resources": self.resources,
                 "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
-                "evaluate": self.evaluate}
+                "evaluate": self.evaluate, **({"sample": self.sample} if self.sample else {}),
+                **self._tune_keys()}
+
+    def _tune_keys(self) -> dict:
+        """The Tune sections as a spec writes them (defaults left out)."""
+        t = self.tuning
+        out = {"num_samples": t["num_samples"] if t["num_samples"] != 1 else None,
+               "search_alg": {t["search_alg"]["name"]: {"seed": t["search_alg"]["seed"]}},
+               "metric": t["metric"], "mode": t["mode"],
+               "scheduler": t["scheduler"] and {t["scheduler"]["name"]: {k: v for k, v in t["scheduler"].items()
+                                                                          if k != "name"}},
+               "loggers": t["loggers"] or None}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 # -- loading and validation --------------------------------------------------------------------
@@ -161,7 +197,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
     sweep: list[dict] = []
     set_keys = set()
     resources = data.get("resources", {"cpu": 1, "gpu": 0})
-    top = {key: data.get(key) for key in ("max_concurrent", "max_failures") if key in data}
+    top = {key: data.get(key) for key in ("max_concurrent", "max_failures", *TUNE_KEYS) if key in data}
     for key, value in parse_overrides(overrides or []).items():
         if key.startswith("evaluate.resources."):
             evaluate = dict(evaluate or {})
@@ -170,7 +206,7 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
             evaluate = {**(evaluate or {}), key.split(".", 1)[1]: value}
         elif key.startswith("resources."):
             resources = {**(resources if isinstance(resources, dict) else {}), key.split(".", 1)[1]: value}
-        elif key in ("max_concurrent", "max_failures"):
+        elif key in ("max_concurrent", "max_failures", *TUNE_KEYS):
             top[key] = value
         else:
             base[key] = value
@@ -201,6 +237,23 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
             axes[key] = [absolute_path(v) for v in values] if key in PATH_SETTINGS else values
         sweep.append(axes)
 
+    raw_sample = data.get("sample") or {}
+    if not isinstance(raw_sample, dict):
+        raise _fail("sample", raw_sample, "expected a mapping of setting -> distribution")
+    sample = {}
+    grid_keys = {k for block in sweep for k in block}
+    for key, dist in raw_sample.items():
+        if key not in search_keys:
+            raise _fail(f"sample.{key}", dist, unknown_setting(key, sorted(search_keys), "search setting"))
+        if key in set_keys:
+            continue   # --set fixes it
+        if key in grid_keys:
+            raise _fail(f"sample.{key}", dist, "is a sweep: axis too; a setting is either swept or sampled")
+        try:
+            sample[key] = check_distribution(key, dist)
+        except TuneSpecError as e:
+            raise SpecError(str(e)) from None
+
     resources = _resources("resources", resources)
     if evaluate is not None and "resources" in evaluate:
         evaluate["resources"] = _resources("evaluate.resources", evaluate["resources"])
@@ -213,19 +266,42 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
         raise _fail("max_failures", max_failures, "must be an integer >= 0")
 
     spec = SweepSpec(name=name, base=base, sweep=sweep, resources=resources, max_concurrent=max_concurrent,
-                     max_failures=max_failures, evaluate=evaluate)
+                     max_failures=max_failures, evaluate=evaluate, sample=sample)
     for point in spec.points():
         where = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
-        try:
-            search = spec.search_config(point)
-        except ConfigError as e:
-            prefix = "base." if e.field in base and e.field not in point else ""
-            raise SpecError(f"{prefix}{e} (trial {where})") from None
-        try:
-            spec.eval_config(search)
-        except ConfigError as e:
-            raise SpecError(f"evaluate.{e} (trial {where})") from None
-    return spec
+        for drawn in _sampled_corners(sample):
+            try:
+                search = spec.search_config({**point, **drawn})
+            except ConfigError as e:
+                prefix = ("sample." if e.field in drawn else
+                          "base." if e.field in base and e.field not in point else "")
+                drew = f" (drawn from {sample[e.field]})" if e.field in drawn else ""
+                raise SpecError(f"{prefix}{e}{drew} (trial {where})") from None
+            try:
+                spec.eval_config(search)
+            except ConfigError as e:
+                raise SpecError(f"evaluate.{e} (trial {where})") from None
+    try:
+        tuning = check_tune_sections(top, list(sample), len(spec.points()), evaluate is not None)
+    except TuneSpecError as e:
+        raise SpecError(str(e)) from None
+    scheduler = tuning["scheduler"]
+    if scheduler and scheduler["name"] == "asha" and scheduler["max_t"] is None:
+        epochs = spec.epochs_per_trial()
+        if scheduler["grace_period"] > epochs:
+            raise _fail("scheduler.asha.grace_period", scheduler["grace_period"],
+                        f"must be <= the epochs of a trial ({epochs}), or ASHA never compares trials")
+    return dataclasses.replace(spec, tuning=tuning)
+
+
+def _sampled_corners(sample: dict) -> list[dict]:
+    """Settings that stand for every draw of ``sample``: each sampled setting at each of its checked
+    values (``values_to_check``), the others at their first."""
+    if not sample:
+        return [{}]
+    values = {key: values_to_check(dist) for key, dist in sample.items()}
+    first = {key: v[0] for key, v in values.items()}
+    return [{**first, key: v} for key, vs in values.items() for v in vs]
 
 
 def load_spec(path: os.PathLike, overrides: Optional[list[str]] = None) -> SweepSpec:

@@ -13,6 +13,7 @@ import yaml
 from entrannas.config import read_yaml
 
 from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict
+from .tuning import logger_environment, tune_domain, tune_loggers, tune_scheduler, tune_search_alg
 
 SPEC_FILE = "sweep.yaml"
 
@@ -33,6 +34,9 @@ def ray_environment(address: Optional[str]) -> Optional[str]:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress lines replace Tune's tables (the legacy output honours verbose=0).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # An evaluation's test error appears only once it evaluates, and a random-mode trial has no
+    # validation error: results without the sweep's metric are fine (schedulers skip them).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if address is None:
         # A local Ray listens on loopback only (Ray's single-machine mode, as on macOS).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -53,6 +57,7 @@ def check_dashboard(dashboard: bool) -> None:
 def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; check that a trial fits a node."""
     address = ray_environment(address)
+    logger_environment(spec.tuning)
     if address is None:
         check_resources_fit(spec, [local_node_resources()])   # before anything starts
     import ray
@@ -68,7 +73,8 @@ def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) 
 
 
 def param_space(spec: SweepSpec) -> dict:
-    """One grid axis over whole trial settings, so that unions of grids stay exact."""
+    """One grid axis over whole trial settings, so that unions of grids stay exact, and the sampled
+    settings as Tune domains (drawn per trial, num_samples times per grid point)."""
     from ray import tune
 
     trials = []
@@ -76,8 +82,10 @@ def param_space(spec: SweepSpec) -> dict:
         search = spec.search_config(point)
         evaluation = spec.eval_config(search)
         trials.append({"point": point, "evaluate": evaluation.to_dict() if evaluation else None})
-    return {"base": spec.base, "trial": tune.grid_search(trials),
-            "cpus_per_trial": spec.trial_resources()["cpu"]}
+    # a model-based search algorithm takes no grid (the spec allows it one point)
+    trial = tune.grid_search(trials) if len(trials) > 1 else trials[0]
+    return {"base": spec.base, "trial": trial, "sample": {k: tune_domain(d) for k, d in spec.sample.items()},
+            "cpus_per_trial": spec.trial_resources()["cpu"], "metric": spec.tuning["metric"]}
 
 
 def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = None):
@@ -88,53 +96,69 @@ def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = Non
     trial_fn = trial_fn or search_trial
 
     def trainable(config: dict) -> None:
-        trial_fn({"base": config["base"], "point": config["trial"]["point"],
-                      "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"]})
+        trial_fn({"base": config["base"], "point": {**config["trial"]["point"], **config.get("sample", {})},
+                  "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"],
+                  "metric": config.get("metric")})
 
     res = spec.trial_resources()
     return tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
 
 
+def trial_settings(config: dict) -> dict:
+    """A trial's own settings from its Tune config: its grid point and its sampled values."""
+    return {**(config.get("trial") or {}).get("point", {}), **(config.get("sample") or {})}
+
+
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _trial_label(trial) -> str:
-    point = trial.config["trial"]["point"]
-    return ", ".join(f"{k}={v}" for k, v in point.items()) or trial.trial_id
+    return ", ".join(f"{k}={_show(v)}" for k, v in trial_settings(trial.config).items()) or trial.trial_id
 
 
 def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every: float = 10.0):
-    """A Tune callback printing a status line: trials running/done/failed and the best so far."""
+    """A Tune callback printing a status line: trials running/done/stopped/failed and the best value
+    so far of the sweep's metric."""
     from ray import tune
+
+    metric, sign = spec.tuning["metric"], (1 if spec.tuning["mode"] == "min" else -1)
 
     class Progress(tune.Callback):
         def __init__(self):
             self.start, self.last_print = time.monotonic(), 0.0
-            self.best: dict[str, tuple[float, str]] = {}   # metric -> (lowest value, trial label)
-            self.total = len(spec.points())
+            self.best: Optional[tuple[float, str]] = None   # the sweep metric's best (value, trial label)
+            self.total = spec.trial_count()
+            self.stopped: set[str] = set()   # trials a scheduler ended early
 
         def _line(self, trials, event: str = "", ending=None, ending_as: str = "") -> None:
             # the trial that just ended still shows its old status inside these hooks
             states = [ending_as if t is ending else t.status for t in trials]
-            done = sum(s == "TERMINATED" for s in states)
+            stopped = sum(t.trial_id in self.stopped for t in trials)
+            done = sum(s == "TERMINATED" for s in states) - stopped
             failed = sum(s == "ERROR" for s in states)
             running = sum(s == "RUNNING" for s in states)
             best = ""
-            metric = next((m for m in ("eval_test_error", "valid_error") if m in self.best), None)
-            if metric:
-                value, label = self.best[metric]
+            if self.best is not None:
+                value, label = self.best
                 best = f" | best {metric} {value:.4f} ({label})"
             out(f"[{time.monotonic() - self.start:6.0f}s] {done}/{self.total} done, {running} running, "
-                f"{failed} failed{best}{event}")
+                + (f"{stopped} stopped, " if stopped else "") + f"{failed} failed{best}{event}")
             self.last_print = time.monotonic()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            for metric in ("eval_test_error", "valid_error"):
-                value = result.get(metric)
-                if value is not None and (metric not in self.best or value < self.best[metric][0]):
-                    self.best[metric] = (value, _trial_label(trial))
+            value = result.get(metric)
+            if value is not None and (self.best is None or sign * value < sign * self.best[0]):
+                self.best = (value, _trial_label(trial))
             if time.monotonic() - self.last_print > every:
                 self._line(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trials, f" | finished: {_trial_label(trial)}", trial, "TERMINATED")
+            if (trial.last_result or {}).get("finished") is False:
+                self.stopped.add(trial.trial_id)
+                self._line(trials, f" | stopped early: {_trial_label(trial)}", trial, "TERMINATED")
+            else:
+                self._line(trials, f" | finished: {_trial_label(trial)}", trial, "TERMINATED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trials, f" | FAILED: {_trial_label(trial)}", trial, "ERROR")
@@ -142,13 +166,22 @@ def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every
     return Progress()
 
 
+def pbt_checkpoints(spec: SweepSpec) -> int:
+    """Checkpoints kept per trial under pbt (0: no pbt): enough that a donor's checkpoint outlives
+    the perturbation interval that may copy it."""
+    scheduler = spec.tuning["scheduler"]
+    return 0 if not scheduler or scheduler["name"] != "pbt" else 2 * scheduler["perturbation_interval"] + 2
+
+
 def _run_config(spec: SweepSpec, storage: Path, callbacks: list):
     from ray import tune
 
+    callbacks = [*callbacks, *tune_loggers(spec.tuning, spec.name, storage / spec.name)]
     return tune.RunConfig(
         name=spec.name, storage_path=str(storage),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # pbt copies a member's checkpoint to another after it is reported: keep a few more
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=pbt_checkpoints(spec) or 2),
         callbacks=callbacks, verbose=0)
 
 
@@ -174,12 +207,16 @@ def run_sweep(spec: SweepSpec, storage: os.PathLike = "runs", address: Optional[
         if not any(experiment.iterdir()):
             experiment.rmdir()
         raise
-    out(f"sweep {spec.name}: {len(spec.points())} trials, {spec.trial_resources()} each, into {experiment}")
+    out(f"sweep {spec.name}: {spec.trial_count()} trials, {spec.trial_resources()} each, into {experiment}")
+    tuning = spec.tuning
     tuner = tune.Tuner(
         _trainable(spec, trial_fn), param_space=param_space(spec),
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent,
-                                    trial_dirname_creator=trial_dirname,
-                                    trial_name_creator=lambda t: t.trial_id),
+        tune_config=tune.TuneConfig(
+            metric=tuning["metric"], mode=tuning["mode"], num_samples=tuning["num_samples"],
+            search_alg=tune_search_alg(tuning, spec.max_concurrent),
+            max_concurrent_trials=None if tuning["search_alg"]["name"] == "random" else spec.max_concurrent,
+            scheduler=tune_scheduler(tuning, spec.sample, spec.epochs_per_trial()),
+            trial_dirname_creator=trial_dirname, trial_name_creator=lambda t: t.trial_id),
         run_config=_run_config(spec, storage, [progress_callback(spec, out)]))
     return tuner.fit()
 
@@ -200,9 +237,10 @@ def claim_experiment(experiment: Path, spec: SweepSpec) -> None:
 
 
 def trial_dirname(trial) -> str:
-    """A trial's directory: its swept settings, short and safe for a file name, then its id."""
-    point = trial.config["trial"]["point"]
-    text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in point.items())
+    """A trial's directory: its swept and sampled settings, short and safe for a file name, then its id."""
+    point = trial_settings(trial.config)
+    text = ",".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else _show(v)}"
+                    for k, v in point.items())
     text = re.sub(r"[^A-Za-z0-9_.,=-]+", "_", text)[:80]
     return f"{text}_{trial.trial_id}" if text else trial.trial_id
 
@@ -242,6 +280,19 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     return tuner.fit()
 
 
+def load_results(experiment: os.PathLike):
+    """The Ray Tune ``ResultGrid`` of a sweep experiment directory (finished or not), read from its
+    files without running anything: ``load_results("runs/lambda").get_dataframe()``."""
+    ray_environment(None)
+    from ray import tune
+
+    experiment = Path(experiment).expanduser().resolve()
+    spec = load_experiment_spec(experiment)
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise ExperimentError(f"{experiment}: Tune has no experiment state here")
+    return tune.Tuner.restore(str(experiment), trainable=_trainable(spec)).get_results()
+
+
 def failure_cause(result) -> Optional[str]:
     """A failed or diverged trial's cause in one line: the last line of its exception (the project's
     own errors cross from the trial intact), or the divergence message."""
@@ -265,9 +316,9 @@ def summarize(results, out: Callable[[str], None] = print) -> list[str]:
         statuses.append(status)
         err = metrics.get("eval_test_error", metrics.get("valid_error"))
         err_text = f"{err:.4f}" if isinstance(err, float) else "-"
-        point = (result.config or {}).get("trial", {}).get("point", {})
+        point = trial_settings(result.config or {})
         cause = failure_cause(result) if status in ("failed", "diverged") else None
-        out(f"  {status:<8} error {err_text:<7} " + ", ".join(f"{k}={v}" for k, v in point.items())
+        out(f"  {status:<8} error {err_text:<7} " + ", ".join(f"{k}={_show(v)}" for k, v in point.items())
             + (f"\n           cause: {cause}" if cause else ""))
     return statuses
 

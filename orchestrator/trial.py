@@ -27,7 +27,19 @@ STATE_FILE = "trial.pt"
 CONFIG_FILE = "config.yaml"   # the trial's resolved settings, in its directory
 
 
+def for_tune(metrics: dict, metric: Optional[str]) -> dict:
+    """An epoch's metrics as the trial reports them: ``finished`` (the trial's own word that this is
+    its last epoch; Tune's ``done`` is also set on a trial a scheduler stops), and ``metric``, the
+    sweep's objective, left out where it has no value (a random-mode search, an evaluation not run
+    yet), so that schedulers and search algorithms skip the result."""
+    out = {**metrics, "finished": metrics["done"]}
+    if metric and out.get(metric) is None:
+        out.pop(metric, None)
+    return out
+
+
 def _report(metrics: dict, state: dict) -> None:
+    """One epoch's metrics and checkpoint."""
     import ray
 
     metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}
@@ -61,6 +73,7 @@ def search_trial(config: dict) -> None:
     search_config = SearchConfig.from_dict({**config["base"], **config["point"]}).resolve()
     eval_config = (EvalConfig.from_dict(config["evaluate"]).resolve()
                    if config.get("evaluate") is not None else None)
+    metric = config.get("metric")
     cpus = config.get("cpus_per_trial")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
@@ -78,11 +91,13 @@ def search_trial(config: dict) -> None:
                 search_seconds += record["seconds"]
                 last = {**trial_metrics(record), "search_seconds_total": search_seconds,
                         "search_epochs": search_config.epochs}
-                _report({**last, "done": eval_config is None and search.epoch == search_config.epochs},
+                _report(for_tune({**last, "done": eval_config is None and search.epoch == search_config.epochs},
+                                 metric),
                         {"stage": "search", "search": search.state_dict(), "last": last,
                          "search_seconds_total": search_seconds})
         except SearchDiverged as e:
-            tune.report({**last, "stage": "search", "diverged": True, "error": str(e), "done": True})
+            tune.report({**last, "stage": "search", "diverged": True, "error": str(e), "done": True,
+                         "finished": True})
             return
         genotype = search.genotype()
         del search
@@ -110,7 +125,8 @@ def search_trial(config: dict) -> None:
                        "eval_test_error": record["test_error"], "eval_seconds_total": eval_seconds,
                        "eval_params_m": cost["params_m"], "eval_multiply_adds_m": cost["multiply_adds_m"],
                        "done": evaluation.epoch == eval_config.epochs}
-            _report(metrics, {"stage": "evaluate", "evaluation": evaluation.state_dict(), "last": last,
-                              "eval_seconds_total": eval_seconds})
+            _report(for_tune(metrics, metric), {"stage": "evaluate", "evaluation": evaluation.state_dict(),
+                                                "last": last, "eval_seconds_total": eval_seconds})
     except TrainingDiverged as e:
-        tune.report({**last, "stage": "evaluate", "diverged": True, "error": str(e), "done": True})
+        tune.report({**last, "stage": "evaluate", "diverged": True, "error": str(e), "done": True,
+                     "finished": True})

@@ -109,9 +109,11 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
     eval_gpu = float(((spec.get("evaluate") or {}).get("resources") or {}).get("gpu", gpu))
     trials, epochs = [], []
     for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").is_file()):
-        params = json.loads((trial_dir / "params.json").read_text())
-        point = params.get("trial", {}).get("point", {})
         rows = _read_jsonl(trial_dir / "result.json")
+        # its grid point and its sampled values: those of its last result (a pbt member's change), or
+        # those it started with
+        config = (rows[-1].get("config") if rows else None) or json.loads((trial_dir / "params.json").read_text())
+        point = {**config.get("trial", {}).get("point", {}), **(config.get("sample") or {})}
         search_rows = [r for r in rows if r.get("stage") == "search" and "epoch" in r]
         last = rows[-1] if rows else {}
         status = _trial_status(rows, trial_dir)
@@ -244,6 +246,21 @@ def load(paths, with_cost: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     op_columns = [c for c in df.columns if c.startswith("op:")]
     df[op_columns] = df[op_columns].fillna(0).astype(int) if op_columns else df[op_columns]
     return df, pd.DataFrame(epochs)
+
+
+def sweep_tuning(paths) -> dict:
+    """What the sweeps' specs say of their Tune sections: ``sample`` (setting -> distribution name,
+    over all the sweeps), and the first one's ``metric`` and ``mode`` (default valid_error, min)."""
+    sample, metric, mode = {}, None, None
+    for p in paths:
+        spec_path = Path(p) / "sweep.yaml"
+        if not spec_path.is_file():
+            continue
+        spec = read_yaml(spec_path.read_text()) or {}
+        for key, dist in (spec.get("sample") or {}).items():
+            sample.setdefault(key, next(iter(dist)) if isinstance(dist, dict) and dist else None)
+        metric, mode = metric or spec.get("metric"), mode or spec.get("mode")
+    return {"sample": sample, "metric": metric or "valid_error", "mode": mode or "min"}
 
 
 def swept_settings(trials: pd.DataFrame) -> list[str]:

@@ -308,3 +308,29 @@ def best_cells(trials: pd.DataFrame, key: str) -> Optional[Figure]:
     best = df.loc[pd.to_numeric(df[err]).groupby(df[key]).idxmin().reindex(order)]   # one row per group
     return cell_diagrams([(f"{key}={value} (error {100 * error:.2f}%)", json.loads(genotype))
                           for value, error, genotype in zip(order, best[err], best["genotype"])])
+
+
+def sampled_setting(trials: pd.DataFrame, key: str, log: bool) -> Figure:
+    """Error, kept connections and search time against a sampled numeric setting: every trial a dot
+    (coloured by status: a trial stopped early has a shorter search), and a least-squares trend
+    (in log(value) where the setting was drawn log-uniformly, on a log axis)."""
+    df = trials.assign(__x=pd.to_numeric(trials[setting_column(trials, key)], errors="coerce")).dropna(subset=["__x"])
+    err = error_column(df)
+    panels = [(err, ERROR_LABELS[err], 100.0), ("kept_total", "kept connections", 1.0),
+              ("search_seconds", "search time (s)", 1.0)]
+    panels = [p for p in panels if p[0] in df.columns and df[p[0]].notna().any()]
+    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    for i, (column, label, scale) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        d = df.assign(__y=pd.to_numeric(df[column], errors="coerce") * scale).dropna(subset=["__y"])
+        sns.scatterplot(data=d, x="__x", y="__y", hue="status", ax=ax, legend=i == 0)
+        if len(d) > 2 and d["__x"].nunique() > 1:
+            sns.regplot(data=d, x="__x", y="__y", logx=log, scatter=False, ci=None, color="0.3", ax=ax,
+                        line_kws={"linewidth": 1, "linestyle": "--"})
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(key + (" (log scale)" if log else ""))
+        ax.set_ylabel(label)
+    fig.suptitle(f"against sampled {key}: every trial, and a least-squares trend")
+    return fig
+

@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from . import plots
-from .collect import load, swept_settings
-from .tables import display_table, mixed_unset, setting_column, summarize, to_latex, to_markdown
+from .collect import load, sweep_tuning, swept_settings
+from .tables import (best_trials, binned, display_table, mixed_unset, setting_column, summarize, to_latex,
+                     to_markdown)
 
 
 def _safe(name: str) -> str:
@@ -39,16 +40,19 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
     trials_csv(trials).to_csv(out / "trials.csv", index=False)
 
     multi = trials["experiment"].nunique() > 1 if not trials.empty else False
+    tuning = sweep_tuning(paths)
+    # settings drawn from a range: binned tables and scatter plots, not a row per value
+    ranged = {k: d for k, d in tuning["sample"].items() if d != "choice" and setting_column(trials, k) in trials}
     if group_by:
         groupings = [list(group_by)]
     else:
-        keys = [k for k in swept_settings(trials) if k != "seed"] if not trials.empty else []
+        keys = [k for k in swept_settings(trials) if k not in ("seed", *ranged)] if not trials.empty else []
         groupings = [[k] for k in keys]
         if len(keys) > 1:
             groupings.append(keys)
         if multi:
             groupings = [["experiment", *g] for g in groupings] or [["experiment"]]
-        if not groupings:
+        if not groupings and not ranged:
             groupings = [["mode"]] if not trials.empty else []
 
     sections = [f"# Report: {', '.join(p.name for p in paths)}\n"]
@@ -61,6 +65,10 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
         if len(failed):
             sections.append("Failed or diverged trials:\n\n" + "\n".join(
                 f"- `{r.trial_id}` ({r.status}): {r.error}" for r in failed.itertuples()) + "\n")
+        if tuning["sample"]:
+            sections.append(_best_section(trials, tuning, out))
+        for key, dist in ranged.items():
+            sections.append(_binned_section(trials, key, dist, out))
 
     for by in groupings:
         name = _safe("_".join(by))
@@ -72,25 +80,57 @@ def write_report(paths: Sequence[os.PathLike], out: Optional[os.PathLike] = None
             continue
         summary = summarize(trials[~left_out], by)
         summary.to_csv(out / "tables" / f"{name}.csv", index=False)
-        table = display_table(summary, by)
-        (out / "tables" / f"{name}.md").write_text(to_markdown(table))
-        (out / "tables" / f"{name}.tex").write_text(to_latex(table))
-        sections.append(f"## By {', '.join(by)}\n\n{to_markdown(table)}{note}")
+        sections.append(f"## By {', '.join(by)}\n\n{_write_table(display_table(summary, by), out, name)}{note}")
 
     figures = []
     if not trials.empty:
         plot_keys = list(dict.fromkeys(k for g in groupings for k in g if k != "experiment")) if group_by is None \
-            else list(group_by)
+            else [k for k in group_by if k not in ranged]
         if multi and not plot_keys:
             plot_keys = ["experiment"]
         for key in plot_keys:
             figures += _figures_for(trials, epochs, key)
+    for key, dist in ranged.items():
+        figures.append((f"{_safe(key)}_sampled", f"trials against sampled {key}",
+                        plots.sampled_setting(trials, key, log="log" in dist)))
     for name, title, fig in figures:
         fig.savefig(out / "plots" / f"{name}.png", dpi=110)
         sections.append(f"### {title}\n\n![{title}](plots/{name}.png)\n")
     index = out / "index.md"
     index.write_text("\n".join(sections))
     return index
+
+
+def _write_table(table: pd.DataFrame, out: Path, name: str) -> str:
+    (out / "tables" / f"{name}.md").write_text(to_markdown(table))
+    (out / "tables" / f"{name}.tex").write_text(to_latex(table))
+    return to_markdown(table)
+
+
+def _best_section(trials: pd.DataFrame, tuning: dict, out: Path) -> str:
+    """The best trials by the sweep's own metric, with every setting they were given."""
+    settings = [c.split(":", 1)[1] for c in trials.columns if c.startswith("setting:")]
+    best = best_trials(trials, tuning["metric"], tuning["mode"], settings)
+    if best.empty:
+        return f"## Best trials\n\nNo trial reported {tuning['metric']} yet.\n"
+    best.to_csv(out / "tables" / "best.csv", index=False)
+    best = best.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+    caution = ("The sweep chose by the test set's error: these errors are biased low and are no estimate of "
+               "the error on new data.\n\n" if tuning["metric"] == "eval_test_error" else "")
+    return (f"## Best trials by {tuning['metric']} ({tuning['mode']}imised by the sweep)\n\n{caution}"
+            + _write_table(best, out, "best"))
+
+
+def _binned_section(trials: pd.DataFrame, key: str, dist: str, out: Path) -> str:
+    """A table of the trials by ranges of a setting drawn from a distribution."""
+    summary = binned(trials, key)
+    if summary is None:
+        return f"## By {key} ({dist}, binned)\n\nFewer than two trials set {key}.\n"
+    name = f"{_safe(key)}_binned"
+    summary.to_csv(out / "tables" / f"{name}.csv", index=False)
+    return (f"## By {key} ({dist}, binned)\n\nTrials in ranges of {key} holding about equally many draws; "
+            "mean ± sd over the trials of a range. A trial stopped early reports its last epoch's errors.\n\n"
+            + _write_table(display_table(summary, [key]), out, name))
 
 
 def _figures_for(trials: pd.DataFrame, epochs: pd.DataFrame, key: str) -> list:

@@ -51,6 +51,7 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], values: Optional[Sequence
         row["n_trials"] = len(group)
         row["n_failed"] = int(group["status"].isin(["failed", "diverged"]).sum())
         row["n_running"] = int((group["status"] == "running").sum())
+        row["n_stopped"] = int((group["status"] == "stopped").sum())
         for v in values:
             series = pd.to_numeric(group[v], errors="coerce").dropna()
             row[f"{v}_mean"] = series.mean() if len(series) else math.nan
@@ -151,7 +152,38 @@ def display_table(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
                                 if _first_value(summary) else f"- / {int(r['n_trials'])}"
                                 for _, r in summary.iterrows()]
     out["failed"] = summary["n_failed"].astype(int).astype(str)
+    if "n_stopped" in summary.columns and summary["n_stopped"].sum():
+        out["stopped early"] = summary["n_stopped"].astype(int).astype(str)
     return out
+
+
+def binned(trials: pd.DataFrame, key: str, max_bins: int = 4) -> Optional[pd.DataFrame]:
+    """A summary of the trials by ranges of a sampled numeric setting: quantile bins (at least two
+    trials each, at most ``max_bins``), labelled by the values they hold, in order. None when
+    fewer than two trials set it."""
+    column = _column(trials, key)
+    values = pd.to_numeric(trials[column], errors="coerce")
+    has = values.notna()
+    if has.sum() < 2:
+        return None
+    bins = max(1, min(max_bins, int(has.sum()) // 2))
+    index = pd.qcut(values[has].rank(method="first"), bins, labels=False)
+    frame = trials[has].assign(**{f"__bin_{key}": index})
+    summary = summarize(frame, [f"__bin_{key}"])
+    spans = values[has].groupby(index).agg(["min", "max"])
+    summary.insert(0, key, [f"{spans.loc[b, 'min']:.3g} to {spans.loc[b, 'max']:.3g}" for b in summary[f"__bin_{key}"]])
+    return summary.drop(columns=[f"__bin_{key}"])
+
+
+def best_trials(trials: pd.DataFrame, metric: str, mode: str, settings: Sequence[str], k: int = 5) -> pd.DataFrame:
+    """The ``k`` best trials by the sweep's metric (``mode`` min or max), with their settings."""
+    if metric not in trials.columns:
+        return pd.DataFrame()
+    ranked = trials[pd.to_numeric(trials[metric], errors="coerce").notna()]
+    ranked = ranked.sort_values(metric, ascending=mode == "min").head(k)
+    columns = {"trial_id": "trial", "status": "status", **{setting_column(trials, s): s for s in settings},
+               metric: metric, "kept_total": "kept connections", "search_seconds": "search time (s)"}
+    return ranked[[c for c in columns if c in ranked.columns]].rename(columns=columns).reset_index(drop=True)
 
 
 def _first_value(summary: pd.DataFrame) -> Optional[str]:

@@ -109,3 +109,16 @@ def _few_threads():
     when it runs several pytests at once: more threads than cores make OpenMP wait on itself)."""
     torch.set_num_threads(int(os.environ.get("ENTRANNAS_TEST_THREADS", "2")))
     yield
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if Ray starts: for input that must be refused before it does."""
+    import orchestrator.sweep
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started for an invalid spec")
+
+    monkeypatch.setattr(orchestrator.sweep, "start_ray", refuse)
+    monkeypatch.setattr("ray.init", refuse)
+

@@ -130,8 +130,9 @@ def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="feature_sharing = 'on': must be true or false"):
         load_config(None, ["feature_sharing=on"])
-    assert read_yaml("[on, off, yes, no, y, n, True, FALSE, 1e-3, null]") == [
-        "on", "off", "yes", "no", "y", "n", True, False, "1e-3", None]
+    # and YAML 1.2's numbers: 1e-3 is one (YAML 1.1 wants a dot: 1.0e-3)
+    assert read_yaml("[on, off, yes, no, y, n, True, FALSE, 1e-3, -2E+2, 1.5e-3, null]") == [
+        "on", "off", "yes", "no", "y", "n", True, False, 0.001, -200.0, 0.0015, None]
 
 
 def test_resolved_config_is_valid_and_round_trips():

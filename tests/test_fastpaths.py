@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -331,29 +332,54 @@ def test_bench_times_a_search_settled_at_a_given_genotype(capsys, tmp_path):
      "dst-digits.json': entrannas cannot derive it: normal: node 3 takes 3 input(s)"),
 ])
 def test_bench_refuses_bad_input_before_timing(args, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("timed despite bad input"))
+    monkeypatch.setattr(bench, "Timed", lambda *a: pytest.fail("timed despite bad input"))
     assert bench_main([*args, "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_failing_configuration_spares_the_others(capsys, monkeypatch, tmp_path):
-    measure = bench.measure
+    block = bench.Timed.block
 
-    def flaky(config, label, args, device):
-        if label == "entrannas":
+    def flaky(self):   # fails in the second round
+        if self.label == "entrannas" and self.blocks:
             raise RuntimeError("out of memory")
-        return measure(config, label, args, device)
+        return block(self)
 
-    monkeypatch.setattr(bench, "measure", flaky)
+    monkeypatch.setattr(bench.Timed, "block", flaky)
     out = tmp_path / "b.json"
     assert bench_main(["--configs", "darts", "entrannas", "dst", "--layers", "3", "--channels", "4",
-                       "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
+                       "--batch-size", "4", "--image-size", "8", "--steps", "1", "--repeats", "2", "--warmup", "1",
                        "--device", "cpu", "--out", str(out)]) == 1
     rows = json.loads(out.read_text())["results"]
     assert [r["config"] for r in rows] == ["darts", "entrannas", "dst"]
     assert rows[1] == {"config": "entrannas", "error": "RuntimeError: out of memory"}
     assert rows[2]["speedup_vs_darts"] > 0
     assert "failed: RuntimeError: out of memory" in capsys.readouterr().err
+
+
+def test_configurations_are_timed_in_turns_in_wall_and_cpu_time_on_fixed_threads(capsys, monkeypatch):
+    """A B C A B C: a change in the machine's load falls on every configuration alike; each round's
+    block in wall and process CPU time, the median of each reported with its spread."""
+    order = []
+    block = bench.Timed.block
+    monkeypatch.setattr(bench.Timed, "block", lambda self: (order.append(self.label), block(self))[1])
+    threads = torch.get_num_threads()
+    try:
+        assert bench_main(["--configs", "darts", "entrannas", "dst", "--layers", "3", "--channels", "4",
+                           "--batch-size", "4", "--image-size", "8", "--steps", "2", "--repeats", "3",
+                           "--warmup", "1", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert order == ["darts", "entrannas", "dst"] * 3
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["threads"] == 1   # fixed on the CPU unless --threads says otherwise
+    darts = doc["results"][0]
+    for r in doc["results"]:
+        assert len(r["seconds_per_step_blocks"]) == len(r["cpu_seconds_per_step_blocks"]) == 3
+        assert r["cpu_seconds_per_step"] == sorted(r["cpu_seconds_per_step_blocks"])[1] > 0
+        blocks = r["seconds_per_step_blocks"]
+        assert r["seconds_per_step_spread"] == pytest.approx((max(blocks) - min(blocks)) / sorted(blocks)[1])
+        assert r["speedup_vs_darts_cpu_time"] == pytest.approx(darts["cpu_seconds_per_step"] / r["cpu_seconds_per_step"])
 
 
 def test_releasing_a_configuration_runs_on_every_device_kind(monkeypatch):
@@ -457,3 +483,47 @@ def test_a_channels_last_search_has_the_right_gradients_despite_a_wrong_pool_ker
     else:
         assert check["grad_cosine"] < 0.99
     assert check["logits_max_rel_error"] < 1e-5   # the forward pass is right either way
+
+
+def test_the_end_to_end_benchmark_times_whole_search_commands(tmp_path, capsys):
+    """benchmarks/e2e.py, tiny: each configuration a real ``search`` process on a CIFAR-format copy of
+    the learnable set; per-epoch phases, structures per epoch and peak memory in its JSON."""
+    from e2e import main as e2e_main
+
+    out = tmp_path / "e2e.json"
+    tiny = ["--set", "layers=3", "--set", "init_channels=4", "--set", "batch_size=32", "--set", "arch_warmup_epochs=1"]
+    assert e2e_main(["--configs", "darts", "entrannas", "dst", "--epochs", "2", "--darts-epochs", "2",
+                     "--train-images", "200", "--test-images", "50", "--device", "cpu", "--data", str(tmp_path / "d"),
+                     *tiny, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == doc
+    assert (tmp_path / "d" / "cifar-10-batches-py" / "data_batch_5").is_file()
+    darts, entrannas, dst = doc["results"]
+    for r in doc["results"]:
+        assert r["epochs_run"] == 2 and not r["projected"] and not r["stopped_at_time_limit"]
+        assert r["wall_seconds"] > r["startup_seconds"] > 0
+        assert r["search_minutes"] == pytest.approx(r["wall_seconds"] / 60)
+        first, second = r["epochs"]
+        assert (first["arch_updated"], second["arch_updated"]) == (False, True)
+        for e in r["epochs"]:
+            assert e["train"] > 0 and e["valid"] > 0 and e["other"] >= 0
+            assert e["wall"] == pytest.approx(e["train"] + e["valid"] + e["other"])
+            assert e["architectures"] >= 1 and e["peak_memory_mb"] > 0
+        assert r["architectures_per_epoch"] == [e["architectures"] for e in r["epochs"]]
+        assert r["peak_memory_mb"] == max(e["peak_memory_mb"] for e in r["epochs"])
+    assert darts["speedup_vs_darts"] == 1.0
+    assert entrannas["speedup_vs_darts"] == pytest.approx(darts["search_minutes"] / entrannas["search_minutes"])
+
+
+def test_the_end_to_end_benchmark_projects_a_search_stopped_at_its_time_limit(tmp_path, capsys):
+    from e2e import main as e2e_main
+
+    tiny = ["--set", "layers=3", "--set", "init_channels=4", "--set", "batch_size=32", "--set", "arch_warmup_epochs=1"]
+    assert e2e_main(["--configs", "entrannas", "--epochs", "500", "--train-images", "200", "--test-images", "50",
+                     "--device", "cpu", "--time-limit", "12", *tiny]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["stopped_at_time_limit"] and row["projected"] and 2 <= row["epochs_run"] < 500
+    full = statistics.median(e["wall"] for e in row["epochs"] if e["arch_updated"])
+    warm = row["epochs"][0]["wall"]
+    # 1 warm-up epoch, 399 with architecture steps and the 100 settling ones (500 // 5) at their time
+    assert row["search_minutes"] == pytest.approx((row["startup_seconds"] + warm + 499 * full) / 60)

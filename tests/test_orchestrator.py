@@ -54,7 +54,7 @@ def test_small_grid_completes_with_results_genotypes_and_checkpoints(tmp_path, l
     lines = []
     results = run_sweep(spec, tmp_path, out=lines.append)
     assert len(results) == 2 and not results.errors
-    assert any("2/2 done, 0 running, 0 failed | best eval_test_error" in line for line in lines), lines
+    assert any("2/2 done, 0 running, 0 failed | best valid_error" in line for line in lines), lines
     records = trial_records(tmp_path / "t")
     assert len(records) == 2
     for trial, rows in records.items():

@@ -325,6 +325,10 @@ def test_every_shipped_spec_runs_shrunk_on_a_small_cifar_copy(path, tmp_path):
         shrink.append("layers=6")    # its explicit placement names cell 5
     if "settle_epochs:" in text:
         shrink.append("epochs=3")    # it sweeps settle_epochs up to 2
+    if "num_samples:" in text:
+        shrink.append("num_samples=2")
+    if "asha:" in text:
+        shrink.append("scheduler=asha")   # its grace period from epoch 1
     if "digits" in text:             # a tenth of the images, as many steps as the CIFAR copy's
         shrink += ["subset_fraction=0.1"] + (["evaluate.subset_fraction=0.1"] if "evaluate:" in text else [])
     args = ["sweep", str(path), "--storage", str(tmp_path / "runs"), "--no-report"]

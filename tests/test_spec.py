@@ -92,13 +92,6 @@ def test_bad_specs_name_the_key(data, message):
     assert message in str(e.value)
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("Ray was started for an invalid spec")
-    monkeypatch.setattr(orchestrator.sweep, "start_ray", refuse)
-
-
 @pytest.mark.parametrize("data, message", BAD[:6] + [
     (spec(resources={"cpu": 9999}), "resources = {'cpu': 9999, 'gpu': 0}: no node can hold one trial"),
 ], ids=lambda v: v if isinstance(v, str) else None)

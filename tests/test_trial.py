@@ -48,9 +48,9 @@ def test_a_trial_reports_each_search_epoch_then_each_evaluation_epoch(reports):
     cpus = 1 if torch.get_num_threads() > 1 else 2   # not what the tests run on already
     trial.search_trial({"base": BASE, "point": {"seed": 3}, "evaluate": EVALUATE, "cpus_per_trial": cpus})
     metrics = [m for m, _ in reports]
-    assert [(m["stage"], m.get("eval_epoch", m["epoch"]), m["done"]) for m in metrics] == [
-        ("search", 0, False), ("search", 1, False), ("evaluate", 0, False), ("evaluate", 1, True)], \
-        "a trial is done after its evaluation, not after its search"
+    assert [(m["stage"], m.get("eval_epoch", m["epoch"]), m["done"], m["finished"]) for m in metrics] == [
+        ("search", 0, False, False), ("search", 1, False, False), ("evaluate", 0, False, False),
+        ("evaluate", 1, True, True)], "a trial is done after its evaluation, not after its search"
     for m in metrics[:2]:
         assert m["valid_error"] == pytest.approx(1 - m["valid_acc"]) and m["seed"] == 3
         assert m["kept_normal"] == [len(node) for node in json.loads(m["genotype"])["normal"]]
@@ -89,3 +89,15 @@ def test_a_diverging_search_ends_the_trial_as_diverged_without_evaluating(report
     (m, state), = reports
     assert (m["stage"], m["diverged"], m["done"], state) == ("search", True, True, None)
     assert "training loss is nan" in m["error"]
+
+
+def test_the_sweep_metric_is_left_out_where_it_has_no_value(reports):
+    """A random-mode search reports no validation error: its results leave out the sweep's metric
+    (schedulers skip them) instead of reporting None, which a scheduler cannot compare."""
+    trial.search_trial({"base": {**BASE, "mode": "random"}, "point": {}, "evaluate": None,
+                        "metric": "valid_error"})
+    (metrics, _), = reports
+    assert "valid_error" not in metrics and metrics["finished"] and metrics["derived_valid_error"] is None
+    assert trial.for_tune({"done": False, "valid_error": 0.2}, "valid_error") == {
+        "done": False, "finished": False, "valid_error": 0.2}
+
