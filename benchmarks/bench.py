@@ -75,8 +75,8 @@ from entrannas.derive import arch_for_genotype  # noqa: E402
 from entrannas.genotype import GenotypeError  # noqa: E402
 from entrannas.ops import pool_grad_is_wrong  # noqa: E402
 from entrannas.rundir import write_text_atomic  # noqa: E402
-from entrannas.runtime import (evaluating, loss_and_correct, peak_memory_mb, reset_peak_memory,  # noqa: E402
-                               resolve_device, use_fast_kernels, where_it_ran)
+from entrannas.runtime import (evaluating, loss_and_correct, resolve_device, use_fast_kernels,  # noqa: E402
+                               where_it_ran)
 from entrannas.supernet import INITIAL_TAU, SearchNetwork, SupernetSpec  # noqa: E402
 from entrannas.zoo import load_genotype  # noqa: E402
 
@@ -612,11 +612,11 @@ def run_in_turns(args: argparse.Namespace, configs: list[SearchConfig], device: 
     for _ in range(args.repeats):
         for i, t in enumerate(timed):
             if isinstance(t, Timed):
-                timed[i] = _try(lambda: (t.block(), t)[1], t.label)
+                timed[i] = _try(t.block, t.label) or t   # its error row, if the block failed
     for i, config in enumerate(configs):
-        t, timed[i] = timed[i], None   # its memory is freed after its row
+        t, timed[i] = timed[i], None
         rows.append(_try(t.row, t.label) if isinstance(t, Timed) else t)
-        del t
+        t = None   # its memory is freed with the others' before the next row
         _finish_row(rows, args, doc, device, config)
 
 

@@ -214,6 +214,45 @@ def test_joining_a_ray_start_cluster_on_loopback(tmp_path):
         kill_processes_mentioning(temp_dir)
 
 
+def test_a_sweep_submitted_as_a_ray_job_spreads_over_two_ray_start_nodes(tmp_path):
+    """docs/cluster.md's recipe on loopback: a head and a worker node started with ``ray start``
+    (as a SLURM allocation or a KubeRay cluster has them), the sweep submitted with ``ray job
+    submit``; its trials run on both nodes and the report is written."""
+    temp_dir = f"/tmp/rj{os.getpid()}"
+    env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)   # a local sweep's single-node mode, set in this process
+    port, dashboard = free_port(), free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+
+    def run(*args, timeout=120):
+        return subprocess.run([ray_bin, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+    try:
+        head = run("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                   f"--temp-dir={temp_dir}")
+        assert head.returncode == 0, head.stderr
+        worker = run("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        assert worker.returncode == 0, worker.stderr
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump(tiny_spec(name="job").to_dict()))
+        deadline = time.monotonic() + 60
+        while True:   # the head's job server and agent take a few seconds to come up after `ray start`
+            job = run("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--", sys.executable, "-m",
+                      "entrannas", "sweep", str(spec), "--storage", str(tmp_path), timeout=400)
+            submitted = "submitted successfully" in job.stdout + job.stderr   # then it ran: no second try
+            if job.returncode == 0 or submitted or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "sweep finished: 2 trials" in job.stdout and "succeeded" in job.stdout + job.stderr
+        nodes = {rows[-1]["node_id"] for rows in trial_records(tmp_path / "job").values() if rows}
+        assert len(nodes) == 2, nodes
+        assert (tmp_path / "job" / "report" / "index.md").is_file()
+    finally:
+        kill_processes_mentioning(temp_dir)
+
+
 def test_without_an_address_a_sweep_starts_its_own_ray_beside_a_running_cluster():
     """Ray's own default joins the last cluster started on this machine (and waits on it when it has
     died: a sweep hung so here). Without --address the README promises a local Ray of its own."""

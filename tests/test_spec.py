@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import orchestrator.sweep
 from entrannas.cli import main
 from orchestrator.spec import SpecError, spec_from_dict
 

@@ -246,14 +246,21 @@ def test_pbt_perturbs_arch_lr_and_continues_from_the_donor_checkpoint(tmp_path):
     changed = [s for s in steps if s[4]["sample"]["arch_lr"] != s[5]["sample"]["arch_lr"]]
     assert changed, steps
     # [target tag, donor tag, target iteration, donor iteration, donor config, target's new config]
-    target, _donor, _target_iteration, donor_iteration, _donor_config, new = changed[0]
-    suffix = f"_{int(target.split('_')[0]):05d}"
-    trial_dir = next(d for d in experiment.iterdir() if d.name.endswith(suffix))
-    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    target, donor, _, _, _, new = changed[0]
+
+    def rows_of(tag: str) -> tuple[Path, list[dict]]:
+        trial_dir = next(d for d in experiment.iterdir() if d.name.endswith(f"_{int(tag.split('_')[0]):05d}"))
+        return trial_dir, [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+    trial_dir, rows = rows_of(target)
     after = [r for r in rows if r["config"]["sample"]["arch_lr"] == new["sample"]["arch_lr"]]
     assert after, "the perturbed trial reported nothing with its new arch_lr"
-    # it continued from the donor's checkpoint (donor_iteration epochs done), not from epoch 0
-    assert after[0]["epoch"] == donor_iteration and after[0]["training_iteration"] == donor_iteration + 1
+    first = after[0]
+    # it went on from a donor's checkpoint, not from epoch 0: its next epoch follows one the donor
+    # reported, and its search time adds this epoch's to the donor's total there
+    assert first["epoch"] >= 1 and first["training_iteration"] == first["epoch"] + 1
+    donor_row = next(r for r in rows_of(donor)[1] if r["epoch"] == first["epoch"] - 1)
+    assert first["search_seconds_total"] == pytest.approx(donor_row["search_seconds_total"] + first["search_seconds"])
     assert math.isclose(yaml.safe_load((trial_dir / "config.yaml").read_text())["search"]["arch_lr"],
                         rows[-1]["config"]["sample"]["arch_lr"])
 
