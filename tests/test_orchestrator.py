@@ -228,11 +228,13 @@ def test_a_sweep_submitted_as_a_ray_job_spreads_over_two_ray_start_nodes(tmp_pat
         return subprocess.run([ray_bin, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
     try:
+        # two nodes on one machine: each node's dashboard agent needs a port of its own
         head = run("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--temp-dir={temp_dir}")
+                   f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}")
         assert head.returncode == 0, head.stderr
-        worker = run("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        worker = run("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                     f"--dashboard-agent-listen-port={free_port()}")
         assert worker.returncode == 0, worker.stderr
         spec = tmp_path / "s.yaml"
         spec.write_text(yaml.safe_dump(tiny_spec(name="job").to_dict()))

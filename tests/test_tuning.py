@@ -226,20 +226,12 @@ def test_asha_over_six_log_uniform_lambdas_stops_some_trials(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_optuna_proposes_the_samples(tmp_path):
-    assert main(["sweep", str(ABLATIONS / "digits-asha.yaml"), "--storage", str(tmp_path), *TINY,
-                 "--set", "search_alg=optuna", "--set", "num_samples=4", "--set", "scheduler=null"]) == 0
-    trials = _trials_csv(tmp_path / "digits-asha")
-    assert len(trials) == 4 and (trials["status"] == "done").all() and trials["lambda_"].nunique() == 4
-    assert yaml.safe_load((tmp_path / "digits-asha" / "sweep.yaml").read_text())["search_alg"] == {"optuna": {"seed": 0}}
-
-
-@pytest.mark.slow
 def test_pbt_perturbs_arch_lr_and_continues_from_the_donor_checkpoint(tmp_path):
-    # synchronous: every member reaches each step before the worst copies the best, so that a tiny
-    # run, whose members finish in seconds, still makes one
+    # synchronous: every member reaches each step before the worse copies the better, so that a tiny
+    # run, whose members finish in seconds, still makes one; two members
     assert main(["sweep", str(ABLATIONS / "digits-pbt.yaml"), "--storage", str(tmp_path), *TINY, "--set", "epochs=3",
-                 "--set", "scheduler={pbt: {perturbation_interval: 2, mutate: [arch_lr], synch: true}}"]) == 0
+                 "--set", "num_samples=2", "--set", "scheduler={pbt: {perturbation_interval: 2, mutate: [arch_lr], "
+                 "synch: true, quantile_fraction: 0.5}}"]) == 0
     experiment = tmp_path / "digits-pbt"
     steps = [json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines()]
     assert steps, "pbt made no exploit/explore step"
@@ -289,7 +281,7 @@ def by_value():
 
 
 @pytest.mark.slow
-def test_every_grid_point_gets_num_samples_draws_and_hyperband_and_hyperopt_run(tmp_path, by_value):
+def test_grid_points_get_num_samples_draws_under_hyperband_and_optuna_and_hyperopt_propose_them(tmp_path, by_value):
     from orchestrator.sweep import run_sweep
 
     grid = spec_from_dict(spec(name="grid", sweep={"seed": [0, 1]}, scheduler={"hyperband": {"max_t": 4}},
@@ -302,7 +294,9 @@ def test_every_grid_point_gets_num_samples_draws_and_hyperband_and_hyperopt_run(
     names = sorted(d.name for d in (tmp_path / "grid").iterdir() if (d / "params.json").is_file())
     assert all(n.startswith("seed=") and ",lambda_=" in n for n in names), names
 
-    hyperopt = spec_from_dict(spec(name="hyperopt", search_alg={"hyperopt": {"seed": 3}}, num_samples=4))
-    results = run_sweep(hyperopt, tmp_path, out=lambda line: None, trial_fn=quadratic_trial)
-    assert len(results) == 4 and not results.errors
-    assert len({r.config["sample"]["lambda_"] for r in results}) == 4
+    for alg in ("optuna", "hyperopt"):   # Optuna's and HyperOpt's TPE propose the draws
+        s = spec_from_dict(spec(name=alg, search_alg={alg: {"seed": 3}}, num_samples=4, max_concurrent=2))
+        results = run_sweep(s, tmp_path, out=lambda line: None, trial_fn=quadratic_trial)
+        assert len(results) == 4 and not results.errors
+        assert len({r.config["sample"]["lambda_"] for r in results}) == 4
+        assert yaml.safe_load((tmp_path / alg / "sweep.yaml").read_text())["search_alg"] == {alg: {"seed": 3}}
