@@ -104,13 +104,15 @@ def run_search(label: str, args: argparse.Namespace, data: Path, workdir: Path, 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     lines: list[tuple[float, str]] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+    # stderr (the progress bars) to a file: a pipe read only at the end would fill and stall the search
+    errors = workdir / f"{out_dir.name}.stderr"
+    with open(errors, "w") as err_file, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err_file,
+                                                         text=True, env=env) as proc:
         watchdog = threading.Timer(args.time_limit, proc.terminate) if args.time_limit else None
         if watchdog:
             watchdog.start()
         for line in proc.stdout:
             lines.append((time.perf_counter() - start, line.rstrip()))
-        stderr = proc.stderr.read()
         proc.wait()
         stopped = watchdog is not None and watchdog.finished.is_set() and proc.returncode != 0
         if watchdog:
@@ -119,7 +121,8 @@ def run_search(label: str, args: argparse.Namespace, data: Path, workdir: Path, 
     history = out_dir / "history.jsonl"
     records = [json.loads(x) for x in history.read_text().splitlines() if x.strip()] if history.is_file() else []
     if proc.returncode != 0 and not stopped:
-        return {"config": label, "error": (stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1]}
+        return {"config": label,
+                "error": (errors.read_text().strip().splitlines() or ["exit " + str(proc.returncode)])[-1]}
     return epoch_figures(label, lines, records, wall, stopped)
 
 

@@ -69,6 +69,12 @@ def trial_metrics(record: dict) -> dict:
     }
 
 
+def trial_settings(config: dict) -> dict:
+    """A sweep trial's own settings from its Tune config (``params.json``, or a result's ``config``):
+    its grid point and its sampled values."""
+    return {**(config.get("trial") or {}).get("point", {}), **(config.get("sample") or {})}
+
+
 def trial_status(last: dict, errored: bool) -> str:
     """A trial's status from its last reported metrics and whether Tune recorded an error: the one
     rule for the report (from the files) and the sweep's closing summary (from Tune's results).

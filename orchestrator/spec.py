@@ -56,7 +56,7 @@ class SweepSpec:
     max_failures: int = 2
     evaluate: Optional[dict] = None
     sample: dict = field(default_factory=dict)     # setting -> {distribution: [args]}
-    tuning: dict = field(default_factory=lambda: check_tune_sections({}, [], 1, False))
+    tuning: dict = field(default_factory=lambda: check_tune_sections({}, [], 1, False, 1))
 
     # -- grid -----------------------------------------------------------------------------------
     def points(self) -> list[dict]:
@@ -282,15 +282,10 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
             except ConfigError as e:
                 raise SpecError(f"evaluate.{e} (trial {where})") from None
     try:
-        tuning = check_tune_sections(top, list(sample), len(spec.points()), evaluate is not None)
+        tuning = check_tune_sections(top, list(sample), len(spec.points()), evaluate is not None,
+                                     spec.epochs_per_trial())
     except TuneSpecError as e:
         raise SpecError(str(e)) from None
-    scheduler = tuning["scheduler"]
-    if scheduler and scheduler["name"] == "asha" and scheduler["max_t"] is None:
-        epochs = spec.epochs_per_trial()
-        if scheduler["grace_period"] > epochs:
-            raise _fail("scheduler.asha.grace_period", scheduler["grace_period"],
-                        f"must be <= the epochs of a trial ({epochs}), or ASHA never compares trials")
     return dataclasses.replace(spec, tuning=tuning)
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import yaml
 
 from entrannas.config import read_yaml
+from entrannas.records import trial_settings
 
 from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict
 from .tuning import logger_environment, tune_domain, tune_loggers, tune_scheduler, tune_search_alg
@@ -96,17 +97,12 @@ def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = Non
     trial_fn = trial_fn or search_trial
 
     def trainable(config: dict) -> None:
-        trial_fn({"base": config["base"], "point": {**config["trial"]["point"], **config.get("sample", {})},
+        trial_fn({"base": config["base"], "point": trial_settings(config),
                   "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"],
                   "metric": config.get("metric")})
 
     res = spec.trial_resources()
     return tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
-
-
-def trial_settings(config: dict) -> dict:
-    """A trial's own settings from its Tune config: its grid point and its sampled values."""
-    return {**(config.get("trial") or {}).get("point", {}), **(config.get("sample") or {})}
 
 
 def _show(value) -> str:
@@ -115,6 +111,11 @@ def _show(value) -> str:
 
 def _trial_label(trial) -> str:
     return ", ".join(f"{k}={_show(v)}" for k, v in trial_settings(trial.config).items()) or trial.trial_id
+
+
+def _stopped_early(trial) -> bool:
+    """An ended trial's last result says it had not finished: a scheduler stopped it."""
+    return (trial.last_result or {}).get("finished") is False
 
 
 def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every: float = 10.0):
@@ -129,12 +130,11 @@ def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every
             self.start, self.last_print = time.monotonic(), 0.0
             self.best: Optional[tuple[float, str]] = None   # the sweep metric's best (value, trial label)
             self.total = spec.trial_count()
-            self.stopped: set[str] = set()   # trials a scheduler ended early
 
         def _line(self, trials, event: str = "", ending=None, ending_as: str = "") -> None:
             # the trial that just ended still shows its old status inside these hooks
             states = [ending_as if t is ending else t.status for t in trials]
-            stopped = sum(t.trial_id in self.stopped for t in trials)
+            stopped = sum(s == "TERMINATED" and _stopped_early(t) for t, s in zip(trials, states))
             done = sum(s == "TERMINATED" for s in states) - stopped
             failed = sum(s == "ERROR" for s in states)
             running = sum(s == "RUNNING" for s in states)
@@ -154,11 +154,8 @@ def progress_callback(spec: SweepSpec, out: Callable[[str], None] = print, every
                 self._line(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if (trial.last_result or {}).get("finished") is False:
-                self.stopped.add(trial.trial_id)
-                self._line(trials, f" | stopped early: {_trial_label(trial)}", trial, "TERMINATED")
-            else:
-                self._line(trials, f" | finished: {_trial_label(trial)}", trial, "TERMINATED")
+            how = "stopped early" if _stopped_early(trial) else "finished"
+            self._line(trials, f" | {how}: {_trial_label(trial)}", trial, "TERMINATED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trials, f" | FAILED: {_trial_label(trial)}", trial, "ERROR")
@@ -265,8 +262,7 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     check_dashboard(dashboard)
     experiment = Path(experiment).expanduser().resolve()
     spec = load_experiment_spec(experiment)
-    if not tune.Tuner.can_restore(str(experiment)):
-        raise ExperimentError(f"{experiment}: Tune has no experiment state to restore here")
+    _check_restorable(experiment)
     start_ray(spec, address, dashboard)
     out(f"resuming sweep {spec.name} in {experiment}")
     tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(spec, trial_fn), resume_unfinished=True,
@@ -288,9 +284,15 @@ def load_results(experiment: os.PathLike):
 
     experiment = Path(experiment).expanduser().resolve()
     spec = load_experiment_spec(experiment)
-    if not tune.Tuner.can_restore(str(experiment)):
-        raise ExperimentError(f"{experiment}: Tune has no experiment state here")
+    _check_restorable(experiment)
     return tune.Tuner.restore(str(experiment), trainable=_trainable(spec)).get_results()
+
+
+def _check_restorable(experiment: Path) -> None:
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise ExperimentError(f"{experiment}: Tune has no experiment state to restore here")
 
 
 def failure_cause(result) -> Optional[str]:

@@ -96,8 +96,8 @@ def search_trial(config: dict) -> None:
                         {"stage": "search", "search": search.state_dict(), "last": last,
                          "search_seconds_total": search_seconds})
         except SearchDiverged as e:
-            tune.report({**last, "stage": "search", "diverged": True, "error": str(e), "done": True,
-                         "finished": True})
+            tune.report(for_tune({**last, "stage": "search", "diverged": True, "error": str(e), "done": True},
+                                 metric))
             return
         genotype = search.genotype()
         del search
@@ -128,5 +128,5 @@ def search_trial(config: dict) -> None:
             _report(for_tune(metrics, metric), {"stage": "evaluate", "evaluation": evaluation.state_dict(),
                                                 "last": last, "eval_seconds_total": eval_seconds})
     except TrainingDiverged as e:
-        tune.report({**last, "stage": "evaluate", "diverged": True, "error": str(e), "done": True,
-                     "finished": True})
+        tune.report(for_tune({**last, "stage": "evaluate", "diverged": True, "error": str(e), "done": True},
+                             metric))

@@ -118,9 +118,11 @@ def values_to_check(dist: dict) -> list:
     return [lo, hi] if name.startswith("q") else [lo, middle + 1e-9 * (hi - lo), hi]
 
 
-def check_tune_sections(data: dict, sample_keys: list[str], grid_points: int, evaluates: bool) -> dict:
+def check_tune_sections(data: dict, sample_keys: list[str], grid_points: int, evaluates: bool,
+                        epochs: int) -> dict:
     """The spec's Tune keys, checked and with their defaults: num_samples, search_alg, metric, mode,
-    scheduler, loggers. ``sample_keys``: the sampled settings (already checked)."""
+    scheduler, loggers. ``sample_keys``: the sampled settings (already checked); ``epochs``: the
+    longest trial's (its search's and its evaluation's), the schedulers' default ``max_t``."""
     num_samples = data.get("num_samples", 1)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise _fail("num_samples", num_samples, "must be an integer >= 1")
@@ -151,7 +153,8 @@ def check_tune_sections(data: dict, sample_keys: list[str], grid_points: int, ev
     scheduler = None
     if data.get("scheduler") is not None:
         name, options = _one_key("scheduler", data["scheduler"], SCHEDULERS)
-        scheduler = {"name": name, **_scheduler_options(name, options, sample_keys, num_samples * grid_points)}
+        scheduler = {"name": name, **_scheduler_options(name, options, sample_keys, num_samples * grid_points,
+                                                        epochs)}
         if name == "pbt" and alg != "random":
             raise _fail("scheduler", name, "pbt draws its own population: use it with search_alg: random")
     loggers = _loggers(data.get("loggers"))
@@ -161,7 +164,7 @@ def check_tune_sections(data: dict, sample_keys: list[str], grid_points: int, ev
             "metric": metric, "mode": mode, "scheduler": scheduler, "loggers": loggers}
 
 
-def _scheduler_options(name: str, options: dict, sample_keys: list[str], population: int) -> dict:
+def _scheduler_options(name: str, options: dict, sample_keys: list[str], population: int, epochs: int) -> dict:
     known = SCHEDULERS[name]
     out = dict(known)
     for key, value in options.items():
@@ -199,8 +202,10 @@ def _scheduler_options(name: str, options: dict, sample_keys: list[str], populat
             raise _fail(f"scheduler.{name}.mutate", None, "name the sampled settings pbt perturbs, e.g. [arch_lr]")
         if population < 2:
             raise _fail("num_samples", population, "pbt needs a population of at least 2 trials")
-    if name == "asha" and out["max_t"] is not None and out["grace_period"] > out["max_t"]:
-        raise _fail("scheduler.asha.grace_period", out["grace_period"], f"must be <= max_t ({out['max_t']})")
+    if name == "asha" and out["grace_period"] > (out["max_t"] or epochs):
+        limit = f"max_t ({out['max_t']})" if out["max_t"] else f"the epochs of a trial ({epochs})"
+        raise _fail("scheduler.asha.grace_period", out["grace_period"],
+                    f"must be <= {limit}, or ASHA never compares trials")
     return out
 
 

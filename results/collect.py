@@ -15,7 +15,7 @@ import pandas as pd
 
 from entrannas.config import read_yaml
 from entrannas.genotype import Genotype
-from entrannas.records import search_quality, trial_status, valid_error
+from entrannas.records import search_quality, trial_settings, trial_status, valid_error
 
 
 
@@ -113,7 +113,7 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         # its grid point and its sampled values: those of its last result (a pbt member's change), or
         # those it started with
         config = (rows[-1].get("config") if rows else None) or json.loads((trial_dir / "params.json").read_text())
-        point = {**config.get("trial", {}).get("point", {}), **(config.get("sample") or {})}
+        point = trial_settings(config)
         search_rows = [r for r in rows if r.get("stage") == "search" and "epoch" in r]
         last = rows[-1] if rows else {}
         status = _trial_status(rows, trial_dir)
@@ -130,7 +130,7 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "seed": settings.get("seed", 0), "mode": settings.get("mode", "entrannas"),
             "dataset": settings.get("dataset", "digits"),   # defaults only for trials saved without config.yaml
             "epochs_done": (search_rows[-1]["epoch"] + 1) if search_rows else 0,
-            "valid_error": last.get("valid_error"),
+            "valid_error": last.get("valid_error"), "valid_loss": last.get("valid_loss"),
             "valid_error_rise": _rise_from_best([r.get("valid_error") for r in search_rows]),
             **search_quality(last),
             "eval_test_error": last.get("eval_test_error") if evaluated else None,

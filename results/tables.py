@@ -152,7 +152,7 @@ def display_table(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
                                 if _first_value(summary) else f"- / {int(r['n_trials'])}"
                                 for _, r in summary.iterrows()]
     out["failed"] = summary["n_failed"].astype(int).astype(str)
-    if "n_stopped" in summary.columns and summary["n_stopped"].sum():
+    if summary["n_stopped"].sum():
         out["stopped early"] = summary["n_stopped"].astype(int).astype(str)
     return out
 
@@ -166,7 +166,7 @@ def binned(trials: pd.DataFrame, key: str, max_bins: int = 4) -> Optional[pd.Dat
     has = values.notna()
     if has.sum() < 2:
         return None
-    bins = max(1, min(max_bins, int(has.sum()) // 2))
+    bins = min(max_bins, int(has.sum()) // 2)
     index = pd.qcut(values[has].rank(method="first"), bins, labels=False)
     frame = trials[has].assign(**{f"__bin_{key}": index})
     summary = summarize(frame, [f"__bin_{key}"])

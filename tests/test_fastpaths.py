@@ -510,6 +510,8 @@ def test_the_end_to_end_benchmark_times_whole_search_commands(tmp_path, capsys):
             assert e["wall"] == pytest.approx(e["train"] + e["valid"] + e["other"])
             assert e["architectures"] >= 1 and e["peak_memory_mb"] > 0
         assert r["architectures_per_epoch"] == [e["architectures"] for e in r["epochs"]]
+        # the epochs, timed from the lines the command printed, fit in the process's wall time
+        assert r["startup_seconds"] + sum(e["wall"] for e in r["epochs"]) <= r["wall_seconds"]
         assert r["peak_memory_mb"] == max(e["peak_memory_mb"] for e in r["epochs"])
     assert darts["speedup_vs_darts"] == 1.0
     assert entrannas["speedup_vs_darts"] == pytest.approx(darts["search_minutes"] / entrannas["search_minutes"])
