@@ -6,6 +6,8 @@
 #          the DARTS configuration for 2 epochs, projected. A configuration still running after its
 #          time limit is stopped and projected from its epochs (said so in the JSON).
 #   arch:  (STAGES="... arch") the step bench settled at DARTS_V2, fast paths checked against fp32 eager.
+#   dp:    (STAGES="... dp", 2 GPUs) a DST search on synthetic data on 1 and on 2 Ray Train workers (NCCL):
+#          seconds per epoch in $OUT/dp-1/history.jsonl and $OUT/dp-2/history.jsonl.
 # Run where a device is lent, e.g. through the device tool:  bash benchmarks/gpu_session.sh
 # A dry run on the CPU checks the script, not the figures (CUDA graphs and op streams need CUDA):
 #   DEVICE=cpu RECIPE= IMAGES=400 EPOCHS=3 E2E_SIZE="--set layers=3 --set init_channels=4 --set batch_size=32 \
@@ -55,6 +57,14 @@ if [[ " $STAGES " == *" arch "* ]]; then
         --repeats 3 --warmup 4 --frozen-arch --check --arch DARTS_V2 dst=benchmarks/genotypes/dst-digits.json \
         --device "$DEVICE" --out "$OUT/arch.json" > /dev/null 2> "$OUT/arch.log"
     echo "bench exit status $?" >> "$OUT/arch.log"
+fi
+if [[ " $STAGES " == *" dp "* ]]; then
+    stage dp
+    for N in 1 2; do
+        timeout 240 "$PY" -m entrannas search --workers "$N" --set dataset=synthetic --set mode=dst --set epochs=3 \
+            --set device="$DEVICE" --out "$OUT/dp-$N" > "$OUT/dp-$N.log" 2>&1
+        echo "search --workers $N exit status $?" >> "$OUT/dp-$N.log"
+    done
 fi
 stage done
 tail -n 12 "$OUT"/*.log "$OUT/tests.txt" 2>/dev/null

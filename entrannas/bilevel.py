@@ -2,7 +2,9 @@
 
 ``step(train_batch, valid_batch, update_arch)`` does one architecture step on the validation batch
 (first-order by default, or DARTS' unrolled second-order step) and one weight step on the training
-batch. Losses come back as tensors so that a step never waits for the device.
+batch. Losses come back as tensors so that a step never waits for the device. With a ``Shard`` of
+several processes each step runs this process's share of the (global) batches and sums the
+gradients over the processes (``entrannas.distributed``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import derive
+from .distributed import Shard, loss_share
 from .runtime import fused_available
 from .supernet import ARCH_PARAMETER_NAMES, SearchNetwork
 
@@ -32,8 +35,9 @@ class BilevelOptimizer:
     #: Finite-difference radius of the unrolled step's Hessian term, over the norm of the vector (DARTS).
     fd_radius = 0.01
 
-    def __init__(self, model: SearchNetwork, config, epochs: Optional[int] = None):
+    def __init__(self, model: SearchNetwork, config, epochs: Optional[int] = None, shard: Optional[Shard] = None):
         self.model, self.config = model, config
+        self.shard = shard or Shard()
         self.bf16 = config.precision == "bf16"
         self.lambda_ = config.lambda_ if model.spec.mode == "dst" else 0.0
         # Multi-tensor updates instead of a Python loop over hundreds of tensors. Not fused SGD: its
@@ -83,22 +87,35 @@ class BilevelOptimizer:
         with self.autocast(x):
             return full_precision(self.model.derived_forward(x))
 
-    def arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def arch_loss(self, x: torch.Tensor, y: torch.Tensor, total: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation loss plus the regularizer; with ``total`` (the global batch size), this
+        process's share of both (``loss_share``; the regularizer split evenly)."""
         with self.autocast(x):
             logits = self.model(x)
-        return F.cross_entropy(full_precision(logits), y) + self.regularizer(), logits
+        reg = self.regularizer() if total is None else self.regularizer() / self.shard.world
+        return loss_share(full_precision(logits), y, total) + reg, logits
 
-    def weight_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_loss(self, x: torch.Tensor, y: torch.Tensor, total: Optional[int] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training loss with alpha and beta out of the graph (the weight step's)."""
         with self.autocast(x):
             logits = self.model(x, arch_grad=False)
-        return F.cross_entropy(full_precision(logits), y), logits
+        return loss_share(full_precision(logits), y, total), logits
 
-    def frozen_arch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def frozen_arch_loss(self, x: torch.Tensor, y: torch.Tensor, total: Optional[int] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order arch step's loss: the weights frozen while it is built, so that its
         backward pass computes gradients for alpha and beta only."""
         with self.model.frozen_weights():
-            return self.arch_loss(x, y)
+            return self.arch_loss(x, y, total)
+
+    def share(self, batch) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """This process's share of a global batch, and the global batch size (None: one process)."""
+        x, y = batch
+        if self.shard.world == 1:
+            return x, y, None
+        return self.shard.take(x), self.shard.take(y), len(y)
 
     # -- steps ----------------------------------------------------------------------------------
     def arch_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -110,19 +127,22 @@ class BilevelOptimizer:
         if self.config.unrolled:
             loss = self._unrolled_backward(train_batch, valid_batch)
         else:
-            loss, _ = self.frozen_arch_loss(*valid_batch)
+            loss, _ = self.frozen_arch_loss(*self.share(valid_batch))
             loss.backward()
+            self.shard.reduce_gradients(self.model.arch_parameters())
         for opt in self.arch_optimizers():
             opt.step()
         self.model.derive()   # the architecture the next passes run
         return loss.detach()
 
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = train_batch
+        """The loss (this process's share) and this process's correct predictions."""
+        x, y, total = self.share(train_batch)
         # None, not zeros: a recorded pass's gradients are its buffers (cuda_graphs.capture_cuda_graphs)
         self.w_optimizer.zero_grad(set_to_none=True)
-        loss, logits = self.weight_loss(x, y)
+        loss, logits = self.weight_loss(x, y, total)
         loss.backward()
+        self.shard.reduce_gradients(self.model.weight_parameters())
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.config.grad_clip, foreach=True)
         self.w_optimizer.step()

@@ -19,6 +19,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting (repeatable); the value is read as YAML")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="data-parallel on N Ray Train workers on this machine (default 1: one process); "
+                        "the batch size stays the global batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,17 +129,40 @@ def _prepare(args, cls):
     return config, run
 
 
+def _run_workers(args, config, run, resume: bool, genotype: Optional[dict] = None) -> int:
+    """``--workers N`` (N > 1): the job on N Ray Train workers, rank 0 writing the run directory."""
+    from orchestrator.sweep import ray_environment
+
+    ray_environment(None)   # before Ray is first imported
+    from orchestrator.parallel import run_job
+
+    print(("resumed " if resume else "") + f"{args.command}: dataset {config.dataset}, {config.epochs} epochs, "
+          f"{args.workers} workers, out {run.path}")
+    diverged = run_job(args.command, config.to_dict(), run.path, args.workers, genotype)
+    if diverged:
+        print(f"entrannas-tune: {args.command} diverged: {diverged}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .config import ConfigError, SearchConfig, check_device_support
+    from .distributed import check_data_parallel
     from .rundir import RunDirError
     from .runtime import resolve_device
 
     try:
         config, run = _prepare(args, SearchConfig)
         check_device_support(config, resolve_device(config.device))   # before the run directory exists
+        check_data_parallel(config, args.workers, "--workers")
         resume = run.prepare(config.to_dict(), args.resume, defaults=config.field_defaults())
     except (ConfigError, RunDirError) as e:
         return _error(str(e))
+    if args.workers > 1:
+        status = _run_workers(args, config, run, resume)
+        if status == 0:
+            print(f"done: genotype in {run.path / 'genotype.json'}")
+        return status
 
     from .search import SearchDiverged, search_job
 
@@ -153,6 +179,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import ConfigError, EvalConfig
+    from .distributed import check_data_parallel
     from .genotype import GenotypeError
     from .rundir import RunDirError
     from .zoo import load_genotype
@@ -160,6 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         genotype = load_genotype(args.genotype)
         config, run = _prepare(args, EvalConfig)
+        check_data_parallel(config, args.workers, "--workers")
         resume = run.prepare(config.to_dict(), args.resume, inputs={"genotype.json": genotype.to_dict()},
                              defaults=config.field_defaults())
     except (ConfigError, RunDirError, GenotypeError) as e:
@@ -174,7 +202,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cost = evaluation.cost()
     print(f"genotype {args.genotype}: {cost['params_m']:.3f} M parameters, "
           f"{cost['multiply_adds_m']:.1f} M multiply-adds")
-    status = _run_job(evaluation, run, config, resume, args, lambda record: None, TrainingDiverged)
+    if args.workers > 1:
+        del evaluation
+        status = _run_workers(args, config, run, resume, genotype.to_dict())
+    else:
+        status = _run_job(evaluation, run, config, resume, args, lambda record: None, TrainingDiverged)
     if status == 0:
         history = run.history()
         result = {"genotype": genotype.to_dict(), "genotype_source": args.genotype,

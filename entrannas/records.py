@@ -25,6 +25,8 @@ EPOCH_FIELDS = {
     "thresholds": "DST's t_j per node, {normal: [...], reduce: [...]}",
     "seconds": "the epoch's seconds", "valid_seconds": "the validation passes' share of them",
     "peak_memory_mb": "peak device (CUDA) or process (CPU) memory",
+    "images_per_second": "training images (the weight steps') per second of the epoch's training",
+    "workers": "data-parallel processes (entrannas.distributed)",
     "derivations": "host reads of a derived architecture", "architectures": "derived architectures the steps ran",
     "cuda_graphs": "recorded and eager passes, with cuda_graphs",
     **{key: "where it ran" for key in WHERE_IT_RAN},
@@ -65,6 +67,8 @@ def trial_metrics(record: dict) -> dict:
         "thresholds_reduce": thresholds.get("reduce"),
         "search_seconds": record.get("seconds"),
         "peak_memory_mb": record.get("peak_memory_mb"),
+        "images_per_second": record.get("images_per_second"),
+        "workers": record.get("workers", 1),
         **{key: record.get(key) for key in WHERE_IT_RAN},
     }
 

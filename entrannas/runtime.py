@@ -156,12 +156,16 @@ def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_and_accuracy(forward, loader, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``forward(x) -> logits`` over a loader, one sync at the end."""
-    sums, n = torch.zeros(2, device=device), 0
+def loss_and_accuracy(forward, loader, device: torch.device, shard=None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``forward(x) -> logits`` over a loader, one sync at the end.
+    With a ``Shard`` (``entrannas.distributed``) each process runs its share of every batch and the
+    sums are added up over the processes."""
+    sums = torch.zeros(3, device=device)   # summed loss, correct, samples
     for x, y in loader:
+        if shard is not None:
+            x, y = shard.take(x), shard.take(y)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sums += loss_and_correct(forward(x), y)
-        n += len(y)
-    loss, correct = sums.tolist()
+        sums[:2] += loss_and_correct(forward(x), y)
+        sums[2] += len(y)
+    loss, correct, n = (sums if shard is None else shard.sum(sums)).tolist()
     return loss / n, correct / n

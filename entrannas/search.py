@@ -13,6 +13,7 @@ from .bilevel import BilevelOptimizer
 from .config import SearchConfig, check_device_support
 from .data import build_search_data
 from .derive import thresholds
+from .distributed import Shard, check_data_parallel, synchronize_batchnorm
 from .genotype import Genotype, genotype_from_masks, random_genotype
 from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
                       rng_state, seed_everything, set_rng_state, use_fast_kernels, where_it_ran)
@@ -31,21 +32,26 @@ class SearchDiverged(RuntimeError):
 
 
 class Search(EpochJob):
-    """One architecture search. ``run()`` yields a record per epoch (docs/method.md)."""
+    """One architecture search. ``run()`` yields a record per epoch (docs/method.md). With a ``Shard``
+    of several processes, each runs its share of every batch and all end alike (``entrannas.distributed``)."""
 
-    def __init__(self, config: SearchConfig, device: Optional[torch.device] = None):
+    def __init__(self, config: SearchConfig, device: Optional[torch.device] = None, shard: Optional[Shard] = None):
         config = config.resolve()   # idempotent: fills any unset default, validates
         self.config = config
         self.device = device or resolve_device(config.device)
+        self.shard = shard or Shard()
         check_device_support(config, self.device)
+        check_data_parallel(config, self.shard.world)
         use_fast_kernels(self.device)
         seed_everything(config.seed)
         self.data = build_search_data(config, self.device)
         info = self.data.info
         spec = SupernetSpec.from_config(config, info.num_classes, info.in_channels, info.stem)
         self.model = SearchNetwork(spec).to(self.device)
+        synchronize_batchnorm(self.model, self.shard)
+        self.shard.broadcast(self.model)
         self.model.use_cuda_graphs(config.cuda_graphs)
-        self.optimizer = BilevelOptimizer(self.model, config)
+        self.optimizer = BilevelOptimizer(self.model, config, shard=self.shard)
         self.epoch = 0
         self.last_genotype: Optional[Genotype] = None   # the previous epoch's, for genotype_stability
         self.model.tau = self.tau
@@ -92,7 +98,8 @@ class Search(EpochJob):
             if on_step is not None:
                 on_step(step + 1, n_steps)
         self.optimizer.w_scheduler.step()
-        train_loss, train_correct = sums.tolist()
+        train_loss, train_correct = self.shard.sum(sums).tolist()
+        self.shard.check_in_step(self.model.arch_parameters(), "alpha and beta")
         if not np.isfinite(train_loss):
             raise SearchDiverged(f"epoch {self.epoch}: training loss is {train_loss / n_train}; "
                                  "lower lr or arch_lr")
@@ -105,6 +112,7 @@ class Search(EpochJob):
         record["derived_valid_acc"] = derived_acc
         record["supernet_gap"] = valid_acc - derived_acc
         record["valid_seconds"] = end - valid_start   # the validation pass's share of "seconds"
+        record["images_per_second"] = n_train / (valid_start - start)
         # Host syncs to read a derived architecture, and recorded/eager passes, in this epoch.
         record["derivations"] = model.derivations - derivations
         record["architectures"] = len(architectures)
@@ -119,7 +127,7 @@ class Search(EpochJob):
         self.data.valid.set_epoch(self.epoch)
         logits = self.optimizer.derived_logits if derived else self.optimizer.logits
         with evaluating(self.model):
-            return loss_and_accuracy(logits, self.data.valid, self.device)
+            return loss_and_accuracy(logits, self.data.valid, self.device, self.shard)
 
     def _record(self, train_loss, train_acc, valid_loss, valid_acc, lr, arch_updated, seconds) -> dict:
         m = self.model
@@ -146,6 +154,7 @@ class Search(EpochJob):
             "thresholds": thr,
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
+            "workers": self.shard.world,
             **where_it_ran(self.device),
         }
 
@@ -199,6 +208,9 @@ class RandomSearch(EpochJob):
         self.epoch = state["epoch"]
 
 
-def search_job(config: SearchConfig, device: Optional[torch.device] = None):
-    """The job that runs ``config``: a ``Search``, or a ``RandomSearch`` for ``mode: random``."""
-    return (RandomSearch if config.mode == "random" else Search)(config, device)
+def search_job(config: SearchConfig, device: Optional[torch.device] = None, shard: Optional[Shard] = None):
+    """The job that runs ``config``: a ``Search``, or a ``RandomSearch`` for ``mode: random`` (which
+    trains nothing: every process of a ``shard`` draws the same genotype)."""
+    if config.mode == "random":
+        return RandomSearch(config, device)
+    return Search(config, device, shard)

@@ -7,10 +7,10 @@ import time
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import EvalConfig
 from .data import build_eval_data
+from .distributed import Shard, check_data_parallel, loss_share, synchronize_batchnorm
 from .evalnet import NetworkCIFAR, NetworkImageNet, count_multiply_adds, count_parameters
 from .genotype import Genotype
 from .runtime import (EpochJob, evaluating, loss_and_accuracy, peak_memory_mb, reset_peak_memory, resolve_device,
@@ -27,28 +27,35 @@ def build_network(genotype: Genotype, config: EvalConfig, num_classes: int, in_c
 
 
 def training_loss(logits: torch.Tensor, logits_aux: Optional[torch.Tensor], y: torch.Tensor,
-                  config: EvalConfig) -> torch.Tensor:
+                  config: EvalConfig, total: Optional[int] = None) -> torch.Tensor:
     """The classifier's cross-entropy plus ``auxiliary_weight`` times the auxiliary head's (DARTS),
-    both with the recipe's label smoothing; ``logits_aux`` is None without the head."""
-    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    both with the recipe's label smoothing; ``logits_aux`` is None without the head. With ``total``
+    (the global batch size), this process's share (``loss_share``)."""
+    loss = loss_share(logits, y, total, label_smoothing=config.label_smoothing)
     if logits_aux is not None:
-        loss = loss + config.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=config.label_smoothing)
+        loss = loss + config.auxiliary_weight * loss_share(logits_aux, y, total, label_smoothing=config.label_smoothing)
     return loss
 
 
 class Evaluation(EpochJob):
-    """Train ``genotype`` from scratch. ``run()`` yields one record per epoch."""
+    """Train ``genotype`` from scratch. ``run()`` yields one record per epoch; with a ``Shard`` of
+    several processes, each runs its share of every batch (``entrannas.distributed``)."""
 
-    def __init__(self, genotype: Genotype, config: EvalConfig, device: Optional[torch.device] = None):
+    def __init__(self, genotype: Genotype, config: EvalConfig, device: Optional[torch.device] = None,
+                 shard: Optional[Shard] = None):
         config = config.resolve()
         self.genotype, self.config = genotype, config
         self.device = device or resolve_device(config.device)
+        self.shard = shard or Shard()
+        check_data_parallel(config, self.shard.world)
         use_fast_kernels(self.device)
         seed_everything(config.seed)
         self.data = build_eval_data(config, self.device)
         info = self.data.info
         self.input_shape = (info.in_channels, info.image_size, info.image_size)
         self.model = build_network(genotype, config, info.num_classes, info.in_channels, info.stem).to(self.device)
+        synchronize_batchnorm(self.model, self.shard)
+        self.shard.broadcast(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay,
                                          fused=fused_available(self.model.parameters()))
@@ -74,35 +81,41 @@ class Evaluation(EpochJob):
         model.train()
         sums, n = torch.zeros(2, device=self.device), 0
         total = len(self.data.train)
+        shard = self.shard
         for step, (x, y) in enumerate(self.data.train):
+            size, total = len(y), (len(y) if shard.world > 1 else None)
+            x, y = shard.take(x), shard.take(y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             logits, logits_aux = model(x)
-            loss = training_loss(logits, logits_aux, y, c)
+            loss = training_loss(logits, logits_aux, y, c, total)
             loss.backward()
+            shard.reduce_gradients(model.parameters())
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip, foreach=True)
             self.optimizer.step()
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-            n += len(y)
+            sums += torch.stack([loss.detach() * size, (logits.argmax(1) == y).sum().float()])
+            n += size
             if on_step is not None:
                 on_step(step + 1, total)
         self.scheduler.step()
-        train_loss, train_correct = sums.tolist()
+        train_loss, train_correct = shard.sum(sums).tolist()
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"epoch {self.epoch}: training loss is {train_loss / n}; lower lr")
+        train_seconds = time.perf_counter() - start
         test_loss, test_acc = self.test()
         record = {"epoch": self.epoch, "seed": c.seed, "lr": lr, "drop_path_prob": model.drop_path_prob,
                   "train_loss": train_loss / n, "train_acc": train_correct / n,
                   "test_loss": test_loss, "test_error": 1.0 - test_acc,
                   "seconds": time.perf_counter() - start, "peak_memory_mb": peak_memory_mb(self.device),
-                  **where_it_ran(self.device)}
+                  "images_per_second": n / train_seconds,
+                  "workers": shard.world, **where_it_ran(self.device)}
         self.epoch += 1
         return record
 
     def test(self) -> tuple[float, float]:
         with evaluating(self.model):
-            return loss_and_accuracy(lambda x: self.model(x)[0], self.data.test, self.device)
+            return loss_and_accuracy(lambda x: self.model(x)[0], self.data.test, self.device, self.shard)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ base: {mode: dst, dataset: cifar10}          # any search setting, fixed
 sweep:                                       # grid axes (cartesian product); a bare value is fixed
   lambda_: [0.0, 0.1, 0.5]
   seed: [0, 1, 2]
-resources: {cpu: 4, gpu: 0.5}                # per trial
+resources: {cpu: 4, gpu: 0.5}                # per trial (with workers: N, per worker of N)
 max_concurrent: 8
 max_failures: 2
 evaluate: {epochs: 600}                      # optional: train each final genotype from scratch
@@ -32,12 +32,13 @@ import yaml
 
 from entrannas.config import (PATH_SETTINGS, ConfigError, EvalConfig, SearchConfig, absolute_path, parse_overrides,
                               read_yaml, unknown_setting, yaml_error)
+from entrannas.distributed import check_data_parallel
 
 from .tuning import TuneSpecError, check_distribution, check_tune_sections, values_to_check
 
 TUNE_KEYS = ("num_samples", "search_alg", "metric", "mode", "scheduler", "loggers")
 TOP_KEYS = ("name", "base", "sweep", "sample", "resources", "max_concurrent", "max_failures", "evaluate", *TUNE_KEYS)
-RESOURCE_KEYS = ("cpu", "gpu")
+RESOURCE_KEYS = ("cpu", "gpu", "workers")
 #: evaluation settings a trial takes from its search unless the spec's evaluate section sets them
 INHERITED_BY_EVALUATION = ("dataset", "data_dir", "download", "seed", "device", "num_workers")
 
@@ -152,17 +153,19 @@ def _check_name(key: str, name: Any) -> None:
 def _resources(where: str, value: Any) -> dict:
     if not isinstance(value, dict):
         raise _fail(where, value, "expected a mapping like {cpu: 4, gpu: 0.5}")
-    out = {"cpu": 1, "gpu": 0}
+    out = {"cpu": 1, "gpu": 0, "workers": 1}
     for key, amount in value.items():
         if key not in RESOURCE_KEYS:
             raise _fail(f"{where}.{key}", amount, unknown_setting(key, RESOURCE_KEYS, "resource"))
+        if key == "workers" and (isinstance(amount, bool) or not isinstance(amount, int) or amount < 1):
+            raise _fail(f"{where}.{key}", amount, "must be a whole number >= 1 (data-parallel workers per trial)")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise _fail(f"{where}.{key}", amount, "must be a number >= 0")
         if amount > 1 and amount != int(amount):
             raise _fail(f"{where}.{key}", amount, "fractions are allowed below 1 only; above, whole units")
         if key == "gpu" and amount > 1:
-            raise _fail(f"{where}.{key}", amount, "a trial runs on one device: at most 1 GPU per trial "
-                        "(a fraction shares one)")
+            raise _fail(f"{where}.{key}", amount, "a process runs on one device: at most 1 GPU per trial or "
+                        "per worker (a fraction shares one); for several GPUs, set workers")
         out[key] = amount
     if out["cpu"] <= 0:
         raise _fail(f"{where}.cpu", out["cpu"], "must be > 0")
@@ -267,11 +270,13 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
 
     spec = SweepSpec(name=name, base=base, sweep=sweep, resources=resources, max_concurrent=max_concurrent,
                      max_failures=max_failures, evaluate=evaluate, sample=sample)
+    workers = spec.trial_resources()["workers"]
     for point in spec.points():
         where = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
         for drawn in _sampled_corners(sample):
             try:
                 search = spec.search_config({**point, **drawn})
+                check_data_parallel(search, workers, "resources.workers")
             except ConfigError as e:
                 prefix = ("sample." if e.field in drawn else
                           "base." if e.field in base and e.field not in point else "")
@@ -286,6 +291,9 @@ def spec_from_dict(data: Any, overrides: Optional[list[str]] = None) -> SweepSpe
                                      spec.epochs_per_trial())
     except TuneSpecError as e:
         raise SpecError(str(e)) from None
+    if workers > 1 and tuning["scheduler"] and tuning["scheduler"]["name"] == "pbt":
+        raise _fail("scheduler.name", "pbt", f"not with resources.workers: {workers}: population-based training "
+                    "copies Tune checkpoints, which a data-parallel trial keeps in Ray Train; use workers: 1")
     return dataclasses.replace(spec, tuning=tuning)
 
 
@@ -310,16 +318,36 @@ def load_spec(path: os.PathLike, overrides: Optional[list[str]] = None) -> Sweep
     return spec_from_dict(data, overrides)
 
 
+def worker_slots(need: dict, nodes: list[dict]) -> int:
+    """How many processes of ``need`` ({cpu, gpu} each) ``nodes`` hold at once."""
+    def fits(node: dict) -> int:
+        counts = [int(node.get("CPU", 0) // need["cpu"])]
+        if need["gpu"]:
+            counts.append(int(node.get("GPU", 0) // need["gpu"]))
+        return min(counts)
+    return sum(fits(node) for node in nodes)
+
+
 def check_resources_fit(spec: SweepSpec, nodes: list[dict]) -> None:
-    """``nodes``: each node's total resources ({"CPU": n, "GPU": m}). A trial must fit on one node."""
+    """``nodes``: each node's total resources ({"CPU": n, "GPU": m}). A trial (or each of its
+    workers) must fit on one node, and its workers on the nodes together."""
     need = spec.trial_resources()
-    for node in nodes:
-        if node.get("CPU", 0) >= need["cpu"] and node.get("GPU", 0) >= need["gpu"]:
-            return
     have = ", ".join(f"{{cpu: {n.get('CPU', 0):g}, gpu: {n.get('GPU', 0):g}}}" for n in nodes) or "none"
     key = "resources" if need == spec.resources else "resources (with evaluate.resources)"
-    raise _fail(key, {k: need[k] for k in RESOURCE_KEYS},
-                f"no node can hold one trial; nodes have {have}")
+    slots = worker_slots(need, nodes)
+    shown = need if need["workers"] > 1 else {k: need[k] for k in ("cpu", "gpu")}
+    if slots == 0:
+        raise _fail(key, shown, f"no node can hold one {'worker' if need['workers'] > 1 else 'trial'}; "
+                    f"nodes have {have}")
+    if slots < need["workers"]:
+        raise _fail(key, shown, f"the nodes hold {slots} workers of this size at once, not {need['workers']}; "
+                    f"nodes have {have}")
+
+
+def trials_at_once(spec: SweepSpec, nodes: list[dict]) -> Optional[int]:
+    """For data-parallel trials (whose workers Tune does not count), how many fit at once."""
+    need = spec.trial_resources()
+    return max(1, worker_slots(need, nodes) // need["workers"]) if need["workers"] > 1 else None
 
 
 def local_node_resources() -> dict:

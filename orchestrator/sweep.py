@@ -13,7 +13,7 @@ import yaml
 from entrannas.config import read_yaml
 from entrannas.records import trial_settings
 
-from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict
+from .spec import SpecError, SweepSpec, check_resources_fit, local_node_resources, spec_from_dict, trials_at_once
 from .tuning import logger_environment, tune_domain, tune_loggers, tune_scheduler, tune_search_alg
 
 SPEC_FILE = "sweep.yaml"
@@ -69,8 +69,14 @@ def start_ray(spec: SweepSpec, address: Optional[str], dashboard: bool = False) 
     # `ray start` (or a test's ray.cluster_utils) started on this machine, and wait on it if it is dead.
     ray.init(address=address or "local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
              logging_level="WARNING", log_to_driver=False, configure_logging=True)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_resources_fit(spec, nodes)
+    check_resources_fit(spec, alive_nodes())
+
+
+def alive_nodes() -> list[dict]:
+    """The resources of each live node of the Ray this process joined."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -89,19 +95,27 @@ def param_space(spec: SweepSpec) -> dict:
             "cpus_per_trial": spec.trial_resources()["cpu"], "metric": spec.tuning["metric"]}
 
 
-def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = None):
+def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = None,
+               experiment: Optional[Path] = None):
+    """The Tune trainable: the trial function on the trial's resources, or, for ``workers`` > 1, the
+    driver of a data-parallel trial (``orchestrator.parallel``), whose workers hold the resources and
+    keep their checkpoints in the trial's directory under ``experiment``."""
     from ray import tune
 
+    from .parallel import DRIVER_RESOURCES, data_parallel_trial
     from .trial import search_trial
 
-    trial_fn = trial_fn or search_trial
+    res = spec.trial_resources()
+    trial_fn = trial_fn or (data_parallel_trial if res["workers"] > 1 else search_trial)
 
     def trainable(config: dict) -> None:
         trial_fn({"base": config["base"], "point": trial_settings(config),
                   "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"],
-                  "metric": config.get("metric")})
+                  "metric": config.get("metric"), "workers": res["workers"], "gpus_per_worker": res["gpu"],
+                  "max_failures": spec.max_failures, "experiment": str(experiment)})
 
-    res = spec.trial_resources()
+    if res["workers"] > 1:
+        return tune.with_resources(trainable, DRIVER_RESOURCES)
     return tune.with_resources(trainable, {"cpu": res["cpu"], "gpu": res["gpu"]})
 
 
@@ -206,12 +220,16 @@ def run_sweep(spec: SweepSpec, storage: os.PathLike = "runs", address: Optional[
         raise
     out(f"sweep {spec.name}: {spec.trial_count()} trials, {spec.trial_resources()} each, into {experiment}")
     tuning = spec.tuning
+    concurrent = spec.max_concurrent
+    fit = trials_at_once(spec, alive_nodes())   # data-parallel trials: Tune does not see their workers
+    if fit is not None:
+        concurrent = min(concurrent or fit, fit)
     tuner = tune.Tuner(
-        _trainable(spec, trial_fn), param_space=param_space(spec),
+        _trainable(spec, trial_fn, experiment), param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=tuning["metric"], mode=tuning["mode"], num_samples=tuning["num_samples"],
-            search_alg=tune_search_alg(tuning, spec.max_concurrent),
-            max_concurrent_trials=None if tuning["search_alg"]["name"] == "random" else spec.max_concurrent,
+            search_alg=tune_search_alg(tuning, concurrent),
+            max_concurrent_trials=None if tuning["search_alg"]["name"] == "random" else concurrent,
             scheduler=tune_scheduler(tuning, spec.sample, spec.epochs_per_trial()),
             trial_dirname_creator=trial_dirname, trial_name_creator=lambda t: t.trial_id),
         run_config=_run_config(spec, storage, [progress_callback(spec, out)]))
@@ -265,7 +283,8 @@ def resume_sweep(experiment: os.PathLike, address: Optional[str] = None, dashboa
     _check_restorable(experiment)
     start_ray(spec, address, dashboard)
     out(f"resuming sweep {spec.name} in {experiment}")
-    tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(spec, trial_fn), resume_unfinished=True,
+    tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(spec, trial_fn, experiment),
+                               resume_unfinished=True,
                                resume_errored=True, restart_errored=False)
     # Tune restores the first run's RunConfig; give it a fresh progress line (clock, counts). Ray has
     # no public setter for this, so an unknown Tuner layout just keeps the restored callback.

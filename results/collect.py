@@ -105,8 +105,12 @@ def _error_text(trial_dir: Path, rows: list[dict]) -> Optional[str]:
 def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
     spec = read_yaml((experiment / "sweep.yaml").read_text()) or {}
     base = spec.get("base") or {}
-    gpu = float((spec.get("resources") or {}).get("gpu", 0))
-    eval_gpu = float(((spec.get("evaluate") or {}).get("resources") or {}).get("gpu", gpu))
+    resources = spec.get("resources") or {}
+    eval_resources = (spec.get("evaluate") or {}).get("resources") or {}
+    # GPUs a trial holds: per process times its data-parallel workers (the larger of both stages')
+    workers = max(int(resources.get("workers", 1)), int(eval_resources.get("workers", 1)))
+    gpu = float(resources.get("gpu", 0)) * workers
+    eval_gpu = float(eval_resources.get("gpu", resources.get("gpu", 0))) * workers
     trials, epochs = [], []
     for trial_dir in sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "params.json").is_file()):
         rows = _read_jsonl(trial_dir / "result.json")
@@ -141,6 +145,9 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
             "search_seconds": search_s, "eval_seconds": eval_s,
             "gpu_hours": ((search_s or 0) * gpu + (eval_s or 0) * eval_gpu) / 3600 if gpu or eval_gpu else None,
             "peak_memory_mb": _peak(search_rows),
+            "workers": last.get("workers", 1),
+            # the search's training throughput, over its epochs (every worker's images together)
+            "images_per_second": _mean([r.get("images_per_second") for r in search_rows]),
             "error": _error_text(trial_dir, rows) if status in ("failed", "diverged") else None,
         }
         row.update(genotype_summary(genotype))
@@ -148,6 +155,11 @@ def _sweep_trials(experiment: Path) -> tuple[list[dict], list[dict]]:
         for r in search_rows:
             epochs.append(_epoch_row(row, r))
     return trials, epochs
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _peak(records: list[dict]) -> Optional[float]:

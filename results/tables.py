@@ -30,6 +30,8 @@ VALUES: dict[str, tuple[str, float]] = {
     "standard_multiply_adds_m": ("multiply-adds, standard net (M)", 1.0),
     "search_seconds": ("search time (s)", 1.0),
     "gpu_hours": ("GPU-hours", 1.0),
+    "workers": ("data-parallel workers", 1.0),
+    "images_per_second": ("search throughput (images/s)", 1.0),
     "peak_memory_mb": ("peak memory (MB)", 1.0),
 }
 MISSING = "-"

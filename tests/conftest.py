@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 TINY = dict(layers=3, init_channels=4, nodes=4)
 #: Fields of an epoch record that the clock or the process decide: two runs of a seed differ there.
-TIMED = ("seconds", "valid_seconds", "peak_memory_mb")
+TIMED = ("seconds", "valid_seconds", "peak_memory_mb", "images_per_second")
 
 
 def untimed(record: dict, also: tuple = ()) -> dict:

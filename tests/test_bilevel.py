@@ -121,7 +121,7 @@ def test_beta_takes_a_plain_gradient_step_so_lambda_sets_its_pace():
         assert opt.b_optimizer.param_groups[0]["weight_decay"] == 0
         assert {id(p) for p in opt.a_optimizer.param_groups[0]["params"]} == {id(net.alpha_normal), id(net.alpha_reduce)}
         before = torch.cat([net.beta_normal, net.beta_reduce]).detach().clone()
-        opt.frozen_arch_loss = lambda x, y: (opt.regularizer(), None)   # the regulariser alone
+        opt.frozen_arch_loss = lambda x, y, total=None: (opt.regularizer(), None)   # the regulariser alone
         opt.arch_step(tiny_batch(0), tiny_batch(1))
         return torch.cat([net.beta_normal, net.beta_reduce]).detach() - before
 

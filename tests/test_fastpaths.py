@@ -103,9 +103,9 @@ def test_the_bench_times_validation_as_a_search_runs_it(monkeypatch, capsys):
         calls.append((self.model.training, torch.is_grad_enabled()))
         return logits(self, x)
 
-    def recording_weight_loss(self, x, y):
+    def recording_weight_loss(self, x, y, total=None):
         weight_passes.append(self.model.training)
-        return weight_loss(self, x, y)
+        return weight_loss(self, x, y, total)
 
     monkeypatch.setattr(BilevelOptimizer, "logits", recording)
     monkeypatch.setattr(BilevelOptimizer, "weight_loss", recording_weight_loss)

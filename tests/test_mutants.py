@@ -22,7 +22,7 @@ def test_every_equation_and_topic_of_the_method_has_a_mutant():
     sections = {int(m.spec.split(",")[0]) for m in mutants.MUTANTS if m.spec[0].isdigit()}
     assert sections == set(range(1, 9))
     parts = {m.spec for m in mutants.MUTANTS if not m.spec[0].isdigit()}
-    assert parts == {"bench", "fast path", "input", "results", "runs", "sweep"}
+    assert parts == {"bench", "data-parallel", "fast path", "input", "results", "runs", "sweep"}
     ids = [m.id for m in mutants.MUTANTS]
     assert len(ids) == len(set(ids))
     for m in mutants.MUTANTS:

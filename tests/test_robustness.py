@@ -267,8 +267,9 @@ def test_resources_and_concurrency_can_be_set_from_the_command_line_and_two_gpus
     methods = ROOT / "ablations" / "methods.yaml"
     spec = load_spec(methods, ["resources.gpu=0", "resources.cpu=1", "max_concurrent=1", "evaluate.resources.gpu=0",
                                f"data_dir={tmp_path}"])
-    assert (spec.resources, spec.max_concurrent, spec.evaluate["resources"]["gpu"]) == ({"cpu": 1, "gpu": 0}, 1, 0)
-    with pytest.raises(SpecError, match=r"resources.gpu = 2: a trial runs on one device"):
+    assert (spec.resources, spec.max_concurrent, spec.evaluate["resources"]["gpu"]) == (
+        {"cpu": 1, "gpu": 0, "workers": 1}, 1, 0)
+    with pytest.raises(SpecError, match=r"resources.gpu = 2: a process runs on one device.*set workers"):
         spec_from_dict({"name": "s", "sweep": {"seed": [0]}, "resources": {"gpu": 2}})
 
 

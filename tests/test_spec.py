@@ -41,8 +41,8 @@ def test_overlapping_blocks_run_each_point_once_and_a_fixed_value_is_not_swept()
 def test_a_trial_holds_the_larger_of_the_search_and_the_evaluation_resources():
     s = spec_from_dict(spec(resources={"cpu": 4, "gpu": 0.5},
                             evaluate={"epochs": 1, "resources": {"cpu": 2, "gpu": 1}}))
-    assert s.trial_resources() == {"cpu": 4, "gpu": 1}
-    assert spec_from_dict(spec(resources={"cpu": 3})).trial_resources() == {"cpu": 3, "gpu": 0}
+    assert s.trial_resources() == {"cpu": 4, "gpu": 1, "workers": 1}
+    assert spec_from_dict(spec(resources={"cpu": 3})).trial_resources() == {"cpu": 3, "gpu": 0, "workers": 1}
 
 
 def test_set_overrides_fix_an_axis_and_evaluate_settings():

@@ -13,7 +13,7 @@ from orchestrator import trial
 BASE = dict(mode="dst", dataset="digits", epochs=2, layers=3, init_channels=4, batch_size=64,
             subset_fraction=0.25, arch_warmup_epochs=0)
 EVALUATE = dict(dataset="digits", epochs=2, layers=3, init_channels=4, subset_fraction=0.2)
-TIMES = ("search_seconds", "search_seconds_total", "eval_seconds_total", "peak_memory_mb")
+TIMES = ("search_seconds", "search_seconds_total", "eval_seconds_total", "peak_memory_mb", "images_per_second")
 
 
 @pytest.fixture
@@ -22,22 +22,24 @@ def reports(monkeypatch):
     unless a test sets ``restore``."""
     calls = []
 
-    def report(metrics, state):   # saved at once, as the real one does (the state holds live tensors)
+    def report(self, metrics, state=None):   # saved at once, as the real one does (the state holds live tensors)
+        if state is None:
+            calls.append((metrics, None))
+            return
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
         calls.append((metrics, torch.load(buffer, weights_only=False)))
 
-    monkeypatch.setattr(trial, "_report", report)
-    monkeypatch.setattr(trial.tune, "report", lambda metrics, **kw: calls.append((metrics, None)))
-    monkeypatch.setattr(trial, "_restore", lambda: None)
+    monkeypatch.setattr(trial.TuneReports, "report", report)
+    monkeypatch.setattr(trial.TuneReports, "restore", lambda self: None)
     threads = torch.get_num_threads()
     yield calls
     torch.set_num_threads(threads)
 
 
 def restore(monkeypatch, state):
-    monkeypatch.setattr(trial, "_restore", lambda: state)
+    monkeypatch.setattr(trial.TuneReports, "restore", lambda self: state)
 
 
 def untimed(metrics: dict) -> dict:
