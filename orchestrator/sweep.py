@@ -38,6 +38,9 @@ def ray_environment(address: Optional[str]) -> Optional[str]:
     # An evaluation's test error appears only once it evaluates, and a random-mode trial has no
     # validation error: results without the sweep's metric are fine (schedulers skip them).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ray replaces builtins.print in a driver that is sent a worker's error (its tqdm support): the
+    # sweep's progress lines print as they are, and Tune pickles the callback that prints them.
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
     if address is None:
         # A local Ray listens on loopback only (Ray's single-machine mode, as on macOS).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

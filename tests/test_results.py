@@ -315,6 +315,10 @@ def test_gpu_hours_count_the_gpus_a_trial_asked_for_and_stay_empty_on_the_cpu(tm
     inherit = experiment("inherit", {"gpu": 0.25}, {})
     assert load([inherit], with_cost=False)[0]["gpu_hours"][0] == pytest.approx((720 + 1800) * 0.25 / 3600)
     assert "gpu_hours_mean" not in summarize(load([cpu], with_cost=False)[0], ["experiment"]).columns
+    # data-parallel: every worker's GPUs count, and the trial's row says how many workers ran it
+    parallel = experiment("parallel", {"cpu": 2, "gpu": 1, "workers": 4}, {})
+    row = load([parallel], with_cost=False)[0].iloc[0]
+    assert row["gpu_hours"] == pytest.approx((720 + 1800) * 4 / 3600)
 
 
 def test_not_an_experiment_exits_2(tmp_path, capsys):
