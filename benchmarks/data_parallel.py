@@ -95,21 +95,22 @@ def main(argv=None) -> int:
             run_local(search_epochs, world, config, local, tmp)
             rows = json.loads(Path(tmp, "records.json").read_text())
         doc["results"].append({"config": label, "workers": world, "per_process_statistics": local, "epochs": rows})
-    one = doc["results"][0]["epochs"]
+    one, last_timed = doc["results"][0], {}   # config -> its last timed epoch (the table's collectives)
     for result in doc["results"]:
-        arch = [r for r in result["epochs"] if r["arch_updated"]] or result["epochs"]
-        result["seconds_per_epoch"] = sum(r["seconds"] for r in arch) / len(arch)
-        result["speedup_vs_1_process"] = doc["results"][0].get("seconds_per_epoch", result["seconds_per_epoch"]) \
-            / result["seconds_per_epoch"]
-        result["same_genotype_as_1_process"] = [r["genotype"] == o["genotype"] for r, o in zip(result["epochs"], one)]
+        timed = [r for r in result["epochs"] if r["arch_updated"]] or result["epochs"]
+        result["seconds_per_epoch"] = sum(r["seconds"] for r in timed) / len(timed)
+        last_timed[result["config"]] = timed[-1]
+    for result in doc["results"]:
+        result["speedup_vs_1_process"] = one["seconds_per_epoch"] / result["seconds_per_epoch"]
+        result["same_genotype_as_1_process"] = [r["genotype"] == o["genotype"]
+                                                for r, o in zip(result["epochs"], one["epochs"])]
     if args.out:
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
     print(f"{'config':44} {'s/epoch':>8} {'x 1 proc':>8} {'sums/step':>10} {'grad/step':>10} "
           f"{'sums s/ep':>10} {'grad s/ep':>10}  same genotype", file=sys.stderr)
     for result in doc["results"]:
-        arch = [r for r in result["epochs"] if r["arch_updated"]] or result["epochs"]
-        last = arch[-1]
+        last = last_timed[result["config"]]
         calls, secs = last["collective_calls_per_step"], last["collective_seconds"]
         print(f"{result['config']:44} {result['seconds_per_epoch']:8.2f} {result['speedup_vs_1_process']:8.2f} "
               f"{calls.get('batch statistics', 0):10.0f} {calls.get('gradients', 0):10.0f} "

@@ -110,13 +110,6 @@ class BilevelOptimizer:
         with self.model.frozen_weights():
             return self.arch_loss(x, y, total)
 
-    def share(self, batch) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
-        """This process's share of a global batch, and the global batch size (None: one process)."""
-        x, y = batch
-        if self.shard.world == 1:
-            return x, y, None
-        return self.shard.take(x), self.shard.take(y), len(y)
-
     # -- steps ----------------------------------------------------------------------------------
     def arch_optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.a_optimizer] + ([self.b_optimizer] if self.b_optimizer is not None else [])
@@ -127,7 +120,7 @@ class BilevelOptimizer:
         if self.config.unrolled:
             loss = self._unrolled_backward(train_batch, valid_batch)
         else:
-            loss, _ = self.frozen_arch_loss(*self.share(valid_batch))
+            loss, _ = self.frozen_arch_loss(*self.shard.split(valid_batch))
             loss.backward()
             self.shard.reduce_gradients(self.model.arch_parameters())
         for opt in self.arch_optimizers():
@@ -137,7 +130,7 @@ class BilevelOptimizer:
 
     def weight_step(self, train_batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss (this process's share) and this process's correct predictions."""
-        x, y, total = self.share(train_batch)
+        x, y, total = self.shard.split(train_batch)
         # None, not zeros: a recorded pass's gradients are its buffers (cuda_graphs.capture_cuda_graphs)
         self.w_optimizer.zero_grad(set_to_none=True)
         loss, logits = self.weight_loss(x, y, total)

@@ -38,16 +38,17 @@ class Shard:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         self.rank, self.world, self.group = rank, world, group
 
-    @classmethod
-    def current(cls) -> "Shard":
-        """This process's shard of the initialised default group (the single process if none)."""
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """This process's share of a global batch (the first dimension split as evenly as it goes)."""
         return torch.tensor_split(t, self.world)[self.rank] if self.world > 1 else t
+
+    def split(self, batch) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """This process's share of a global batch ``(x, y)``, and the global batch size that its loss
+        is a share of (``loss_share``; None for a single process: the plain mean)."""
+        x, y = batch
+        if self.world == 1:
+            return x, y, None
+        return self.take(x), self.take(y), len(y)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the processes, in place."""
@@ -137,7 +138,8 @@ class SyncedBatchNorm(nn.BatchNorm2d):
         if self.training and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                # momentum None: the cumulative average, as BatchNorm (a tensor weight: no host sync)
+                m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 self.running_var.lerp_(var.to(self.running_var.dtype), m)
         if self.affine:

@@ -160,12 +160,15 @@ def loss_and_accuracy(forward, loader, device: torch.device, shard=None) -> tupl
     """Mean cross-entropy and accuracy of ``forward(x) -> logits`` over a loader, one sync at the end.
     With a ``Shard`` (``entrannas.distributed``) each process runs its share of every batch and the
     sums are added up over the processes."""
-    sums = torch.zeros(3, device=device)   # summed loss, correct, samples
+    sums, n = torch.zeros(2, device=device), 0
     for x, y in loader:
         if shard is not None:
-            x, y = shard.take(x), shard.take(y)
+            x, y, _ = shard.split((x, y))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sums[:2] += loss_and_correct(forward(x), y)
-        sums[2] += len(y)
-    loss, correct, n = (sums if shard is None else shard.sum(sums)).tolist()
+        sums += loss_and_correct(forward(x), y)
+        n += len(y)
+    if shard is None:
+        loss, correct = sums.tolist()
+    else:   # summed over the processes, with the samples counted, in one collective
+        loss, correct, n = shard.sum(torch.cat([sums, sums.new_tensor([n])])).tolist()
     return loss / n, correct / n

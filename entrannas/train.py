@@ -83,12 +83,12 @@ class Evaluation(EpochJob):
         total = len(self.data.train)
         shard = self.shard
         for step, (x, y) in enumerate(self.data.train):
-            size, total = len(y), (len(y) if shard.world > 1 else None)
-            x, y = shard.take(x), shard.take(y)
+            size = len(y)   # the global batch's
+            x, y, share_of = shard.split((x, y))
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             logits, logits_aux = model(x)
-            loss = training_loss(logits, logits_aux, y, c, total)
+            loss = training_loss(logits, logits_aux, y, c, share_of)
             loss.backward()
             shard.reduce_gradients(model.parameters())
             if c.grad_clip > 0:

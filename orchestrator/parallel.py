@@ -72,7 +72,7 @@ class TrainReports:
         import ray
         import ray.train
 
-        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id(), "workers": self.shard.world}
+        metrics = {**metrics, "node_id": ray.get_runtime_context().get_node_id()}   # `workers`: the records
         if state is None or self.shard.rank != 0:
             ray.train.report(metrics)
             return

@@ -115,7 +115,7 @@ def _trainable(spec: SweepSpec, trial_fn: Optional[Callable[[dict], None]] = Non
         trial_fn({"base": config["base"], "point": trial_settings(config),
                   "evaluate": config["trial"]["evaluate"], "cpus_per_trial": config["cpus_per_trial"],
                   "metric": config.get("metric"), "workers": res["workers"], "gpus_per_worker": res["gpu"],
-                  "max_failures": spec.max_failures, "experiment": str(experiment)})
+                  "max_failures": spec.max_failures, "experiment": experiment and str(experiment)})
 
     if res["workers"] > 1:
         return tune.with_resources(trainable, DRIVER_RESOURCES)

@@ -196,8 +196,8 @@ MUTANTS: tuple[Mutant, ...] = (
        "entrannas/config.py", "if channels % self.bottleneck_ratio:", "if False:", "tests/test_cli.py"),
     # -- 6: optimisation
     _m("arch-step-on-train", "6", "the arch step on the weights' batch",
-       BILEVEL, "loss, _ = self.frozen_arch_loss(*self.share(valid_batch))",
-       "loss, _ = self.frozen_arch_loss(*self.share(train_batch))",
+       BILEVEL, "loss, _ = self.frozen_arch_loss(*self.shard.split(valid_batch))",
+       "loss, _ = self.frozen_arch_loss(*self.shard.split(train_batch))",
        T_BILEVEL),
     _m("weight-step-on-valid", "6", "the weight step on the arch's batch",
        BILEVEL, 'out["train_correct"] = self.weight_step(train_batch)',

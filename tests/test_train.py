@@ -63,7 +63,10 @@ def test_the_optimiser_and_both_lr_schedules_follow_the_config():
 
 def test_an_epochs_test_error_is_the_networks_on_the_test_set():
     evaluation = Evaluation(ZOO["DARTS_V2"], EvalConfig(**SMALL))
-    record = evaluation.run_epoch()
+    progress = []
+    record = evaluation.run_epoch(on_step=lambda step, steps: progress.append((step, steps)))
+    steps = len(evaluation.data.train)   # the progress bar's count: steps, not a batch's size
+    assert progress == [(i + 1, steps) for i in range(steps)]
     model = evaluation.model.eval()
     loss, accuracy, n = loss_and_accuracy_by_hand(lambda x: model(x)[0], evaluation.data.test)
     assert n == len(evaluation.data.test.labels)
